@@ -1,0 +1,42 @@
+"""The `concord` command: a thin dispatcher that imports only the part that owns the subcommand.
+
+Each part (`training`, `edge`, `server`) has a `cli` module with a Typer `app`; heavy imports (torch,
+onnxruntime, FAISS) happen inside its commands, so `concord serve` never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cache": ("training.cli", "Cache frozen trunk features of the benchmark photos (speeds up training)."),
+    "train": ("training.cli", "Train one model from an experiment config."),
+    "evaluate": ("training.cli", "Evaluate trained models: compatibility matrix, ECC, NFR, mixed gallery."),
+    "benchmark": ("training.cli", "Run the whole benchmark: train every model, then evaluate (resumable)."),
+    "export": ("training.cli", "Export checkpoints to a release folder of ONNX files with a manifest."),
+    "quantize": ("edge.cli", "Quantise an edge model to int8 (static QDQ, calibrated on real photos)."),
+    "encode": ("edge.cli", "Encode photos on this device and print or save their embeddings."),
+    "query": ("edge.cli", "Encode a photo on this device and search a Concord server with its embedding."),
+    "device-bench": ("edge.cli", "Time batch-1 encoding of edge (fp32, int8) against the cloud encoder."),
+    "serve": ("server.cli", "Start the photo search server with a release and a gallery store."),
+    "index": ("server.cli", "Send a folder of photos to a server in batches, resumable."),
+    "demo": ("server.cli", "Index bundled photos, search from the edge, upgrade without re-indexing."),
+    "bench": ("server.cli", "Benchmark search, encoding and upgrade cost; write reports/bench."),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run `concord SUBCOMMAND ...`."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        width = max(map(len, COMMANDS))
+        print("usage: concord COMMAND [OPTIONS]\n\nCommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name.ljust(width)}  {text}")
+        print("\nRun `concord COMMAND --help` for the options of one command.")
+        return
+    if args[0] not in COMMANDS:
+        sys.exit(f"concord: unknown command {args[0]!r}; run `concord --help` for the list")
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    module.app(args=args, prog_name="concord")

@@ -1,0 +1,211 @@
+"""The release manifest: which models a release holds, their files, spaces, lineage and figures.
+
+A release is a folder with `manifest.json` and the ONNX files it names. `Manifest.from_dict` validates
+every field and raises `ManifestError` naming the field that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.preprocess import Preprocess
+
+ROLES = ("cloud", "edge")
+SCHEMA_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest that does not follow the release contract."""
+
+
+@dataclass(frozen=True)
+class Space:
+    """An embedding space: vectors of one dim, compared by inner product on L2-normalised vectors."""
+
+    id: str
+    dim: int
+    metric: str = "inner_product"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One ONNX file of a model: `batch` is None for a dynamic batch, 1 for devices."""
+
+    file: str
+    sha256: str
+    batch: int | None = None
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A released model: identity, lineage, files, preprocessing and its measured figures."""
+
+    id: str
+    role: str
+    space: str
+    dim: int
+    version: int
+    parents: tuple[str, ...]
+    file: str
+    sha256: str
+    preprocess: Preprocess
+    input: str = "image"
+    output: str = "embedding"
+    opset: int = 17
+    arch: str = ""
+    variants: dict[str, ModelFile] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def files(self) -> dict[str, ModelFile]:
+        """Every file of the model by variant name; `server` is the dynamic-batch fp32 file."""
+        return {"server": ModelFile(self.file, self.sha256), **self.variants}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The whole release."""
+
+    spaces: dict[str, Space]
+    models: dict[str, ModelEntry]
+    release: str = ""
+
+    def model(self, model_id: str) -> ModelEntry:
+        try:
+            return self.models[model_id]
+        except KeyError:
+            raise KeyError(f"unknown model {model_id!r}; this release holds {sorted(self.models)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "release": self.release,
+            "spaces": [vars(space) for space in self.spaces.values()],
+            "models": [_entry_to_dict(entry) for entry in self.models.values()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        if not isinstance(data, dict):
+            raise ManifestError("manifest: expected a JSON object at the top level")
+        spaces = {}
+        for i, raw in enumerate(_get(data, "spaces", list, "manifest")):
+            where = f"spaces[{i}]"
+            space = Space(id=_get(raw, "id", str, where), dim=_positive(raw, "dim", where),
+                          metric=_get(raw, "metric", str, where, "inner_product"))
+            if space.metric != "inner_product":
+                raise ManifestError(f"{where}.metric: only 'inner_product' is supported, got {space.metric!r}")
+            spaces[space.id] = space
+        models: dict[str, ModelEntry] = {}
+        for i, raw in enumerate(_get(data, "models", list, "manifest")):
+            entry = _entry_from_dict(raw, f"models[{i}]", spaces)
+            if entry.id in models:
+                raise ManifestError(f"models[{i}].id: duplicate model id {entry.id!r}")
+            models[entry.id] = entry
+        for entry in models.values():
+            for parent in entry.parents:
+                if parent not in models:
+                    raise ManifestError(f"model {entry.id!r}: parent {parent!r} is not in the release")
+                if models[parent].space != entry.space:
+                    raise ManifestError(f"model {entry.id!r}: parent {parent!r} is in another space")
+        return cls(spaces=spaces, models=models, release=_get(data, "release", str, "manifest", ""))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        """Read and validate `manifest.json` (a file or the release folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ManifestError(f"{path}: no manifest here") from None
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+
+
+def _entry_to_dict(entry: ModelEntry) -> dict[str, Any]:
+    data = {k: v for k, v in vars(entry).items() if k not in ("preprocess", "variants", "parents")}
+    data["parents"] = list(entry.parents)
+    data["preprocess"] = entry.preprocess.to_dict()
+    data["variants"] = {name: vars(f) for name, f in entry.variants.items()}
+    return data
+
+
+def _entry_from_dict(raw: Any, where: str, spaces: dict[str, Space]) -> ModelEntry:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: expected an object")
+    model_id = _get(raw, "id", str, where)
+    where = f"model {model_id!r}"
+    role = _get(raw, "role", str, where)
+    if role not in ROLES:
+        raise ManifestError(f"{where}.role: must be one of {ROLES}, got {role!r}")
+    space = _get(raw, "space", str, where)
+    if space not in spaces:
+        raise ManifestError(f"{where}.space: unknown space {space!r}; declared: {sorted(spaces)}")
+    dim = _positive(raw, "dim", where)
+    if dim != spaces[space].dim:
+        raise ManifestError(f"{where}.dim: {dim} differs from the dim {spaces[space].dim} of space {space!r}")
+    parents = _get(raw, "parents", list, where, [])
+    if not all(isinstance(p, str) for p in parents):
+        raise ManifestError(f"{where}.parents: must be a list of model ids")
+    try:
+        preprocess = Preprocess.from_dict(_get(raw, "preprocess", dict, where))
+    except ValueError as err:
+        raise ManifestError(f"{where}.{err}") from None
+    variants = {}
+    for name, f in _get(raw, "variants", dict, where, {}).items():
+        vwhere = f"{where}.variants.{name}"
+        variants[name] = ModelFile(file=_get(f, "file", str, vwhere), sha256=_sha(f, vwhere),
+                                   batch=f.get("batch"), precision=_get(f, "precision", str, vwhere, "fp32"))
+    return ModelEntry(
+        id=model_id, role=role, space=space, dim=dim, version=_positive(raw, "version", where),
+        parents=tuple(parents), file=_get(raw, "file", str, where), sha256=_sha(raw, where),
+        preprocess=preprocess, input=_get(raw, "input", str, where, "image"),
+        output=_get(raw, "output", str, where, "embedding"), opset=_positive(raw, "opset", where, 17),
+        arch=_get(raw, "arch", str, where, ""), variants=variants,
+        metrics=_get(raw, "metrics", dict, where, {}), card=_get(raw, "card", dict, where, {}),
+    )
+
+
+_MISSING = object()
+
+
+def _get(data: Any, key: str, kind: type, where: str, default: Any = _MISSING) -> Any:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: expected an object")
+    if key not in data:
+        if default is _MISSING:
+            raise ManifestError(f"{where}: missing the field {key!r}")
+        return default
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _positive(data: Any, key: str, where: str, default: Any = _MISSING) -> int:
+    value = _get(data, key, int, where, default)
+    if value <= 0:
+        raise ManifestError(f"{where}.{key}: must be a positive integer, got {value}")
+    return int(value)
+
+
+def _sha(data: Any, where: str) -> str:
+    value = _get(data, "sha256", str, where)
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ManifestError(f"{where}.sha256: expected 64 lowercase hex digits, got {value!r}")
+    return str(value)

@@ -1,0 +1,1 @@
+"""Concord training: architectures, data, losses, trainer, evaluation and ONNX export (needs torch)."""
