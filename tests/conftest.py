@@ -1,0 +1,110 @@
+"""Shared fixtures: a tiny but real release (ONNX encoders exported here) for server and edge tests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from models.manifest import Manifest, ModelEntry, ModelFile, Space
+from models.preprocess import Preprocess
+
+TINY_DIM = 32
+SPACE = "tiny"
+
+
+class TinyEncoder(nn.Module):
+    """A real image encoder small enough for tests: 8x8 colour layout -> linear -> unit norm.
+
+    Every model shares one base projection; `drift` adds a model-specific perturbation, so models of
+    one lineage stay compatible (small drift) and an 'independent' model is not (drift = 1).
+    """
+
+    def __init__(self, seed: int, drift: float) -> None:
+        super().__init__()
+        base = torch.Generator().manual_seed(0)
+        own = torch.Generator().manual_seed(seed)
+        weight = torch.randn(TINY_DIM, 3 * 64, generator=base)
+        noise = torch.randn(TINY_DIM, 3 * 64, generator=own)
+        self.proj = nn.Parameter((1 - drift) * weight + drift * noise, requires_grad=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = (image * 255.0 - 127.0) / 128.0
+        x = F.adaptive_avg_pool2d(x, 8).flatten(1)
+        x = x - x.mean(dim=1, keepdim=True)
+        return F.normalize(x @ self.proj.T, dim=-1)
+
+
+TINY_MODELS = [
+    # id, role, version, parents, resolution, seed, drift
+    ("cloud-v1", "cloud", 1, [], 64, 1, 0.0),
+    ("edge-v1", "edge", 1, ["cloud-v1"], 32, 2, 0.02),
+    ("cloud-v2", "cloud", 2, ["cloud-v1"], 64, 3, 0.05),
+    ("edge-v2", "edge", 2, ["cloud-v2", "edge-v1"], 32, 4, 0.06),
+]
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tiny_metrics(model_id: str) -> dict[str, object]:
+    """Figures shaped like the benchmark's, chosen so the lineage passes the compatibility gate."""
+    figures = {"cloud-v1": 0.80, "edge-v1": 0.78, "cloud-v2": 0.90, "edge-v2": 0.88}
+    matrix = {q: {g: {"recall@1": figures[q] - (0.0 if g == "cloud-v2" else 0.02),
+                      "recall@5": 0.95, "map": figures[q] - 0.2}
+                  for g in ("cloud-v1", "cloud-v2")}
+              for q in figures}
+    return {"benchmark": "tiny", "matrix": matrix}
+
+
+def build_tiny_release(folder: Path) -> Path:
+    """Export the four tiny models (server fp32 + device batch-1 files) and write manifest.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    from training.export import to_onnx
+
+    entries = {}
+    for model_id, role, version, parents, resolution, seed, drift in TINY_MODELS:
+        module = TinyEncoder(seed, drift)
+        server = to_onnx(module, folder / f"{model_id}.onnx", resolution)
+        variants = {}
+        if role == "edge":
+            device = to_onnx(module, folder / f"{model_id}.device.onnx", resolution, batch=1)
+            variants["device-fp32"] = ModelFile(device.name, sha256_file(device), batch=1)
+        entries[model_id] = ModelEntry(
+            id=model_id, role=role, space=SPACE, dim=TINY_DIM, version=version, parents=tuple(parents),
+            file=server.name, sha256=sha256_file(server),
+            preprocess=Preprocess(resize=resolution, crop=resolution), arch="tiny",
+            variants=variants, metrics=tiny_metrics(model_id), card={"note": "test model"},
+        )
+    manifest = Manifest(spaces={SPACE: Space(SPACE, TINY_DIM)}, models=entries, release="tiny-test")
+    manifest.save(folder / "manifest.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A release folder of four tiny compatible ONNX models (never modify it; copy it to tamper)."""
+    return build_tiny_release(tmp_path_factory.mktemp("release"))
+
+
+@pytest.fixture(scope="session")
+def sample_photos() -> dict[str, bytes]:
+    """Real photos that ship with scikit-image, as JPEG bytes."""
+    import io
+
+    from skimage import data
+
+    photos = {}
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field"):
+        array = np.asarray(getattr(data, name)())
+        buffer = io.BytesIO()
+        Image.fromarray(array).convert("RGB").save(buffer, format="JPEG", quality=90)
+        photos[name] = buffer.getvalue()
+    return photos
