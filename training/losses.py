@@ -1,0 +1,101 @@
+"""Losses as small composable modules; each takes the model's embeddings and the batch it came from.
+
+- `Classification`: normalised-softmax (cosine) classifier on the embedding, trained with the model.
+- `Influence` (BCT, Shen et al. 2020): classification through a FROZEN old classifier, so new embeddings
+  stay where the old model's decision regions are. Classes the old model never saw get the mean
+  old-model embedding of their training photos as their row.
+- `Regression`: feature regression (squared L2 between unit vectors) to a frozen reference encoder's
+  embeddings of the same photos, e.g. an edge model towards the cloud model of its version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """One training batch: labels, and reference-model embeddings of the same photos by model id."""
+
+    labels: torch.Tensor
+    references: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class CosineClassifier(nn.Module):
+    """Logits = scale * cos(embedding, class weight): the classifier head kept apart from the encoder."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 16.0, weight: torch.Tensor | None = None,
+                 trainable: bool = True) -> None:
+        super().__init__()
+        init = weight.clone() if weight is not None else torch.randn(num_classes, dim) * 0.01
+        self.weight = nn.Parameter(init, requires_grad=trainable)
+        self.scale = scale
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(embeddings, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+class Classification(nn.Module):
+    """Cross-entropy of the model's own (trainable) cosine classifier."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 16.0, smoothing: float = 0.1) -> None:
+        super().__init__()
+        self.classifier = CosineClassifier(dim, num_classes, scale)
+        self.smoothing = smoothing
+
+    def forward(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.classifier(embeddings), batch.labels, label_smoothing=self.smoothing)
+
+
+def extend_old_classifier(old_weight: torch.Tensor, old_embeddings: torch.Tensor, labels: torch.Tensor,
+                          num_classes: int) -> torch.Tensor:
+    """Old classifier rows for every class: old rows kept, new classes = mean old embedding of their photos."""
+    rows = [F.normalize(old_weight, dim=-1)]
+    for cls in range(old_weight.shape[0], num_classes):
+        members = old_embeddings[labels == cls]
+        if len(members) == 0:
+            raise ValueError(f"class {cls} has no training photo to build its old-classifier row")
+        rows.append(F.normalize(members.mean(dim=0, keepdim=True), dim=-1))
+    return torch.cat(rows)
+
+
+class Influence(nn.Module):
+    """BCT influence loss: cross-entropy of the new embedding through the frozen old classifier."""
+
+    def __init__(self, old_classifier: torch.Tensor, scale: float = 16.0) -> None:
+        super().__init__()
+        self.classifier = CosineClassifier(old_classifier.shape[1], old_classifier.shape[0], scale,
+                                           weight=old_classifier, trainable=False)
+
+    def forward(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.classifier(embeddings), batch.labels)
+
+
+class Regression(nn.Module):
+    """Squared L2 distance to a frozen reference model's unit embeddings of the same photos."""
+
+    def __init__(self, reference: str) -> None:
+        super().__init__()
+        self.reference = reference
+
+    def forward(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
+        target = batch.references[self.reference]
+        return (embeddings - target).pow(2).sum(dim=-1).mean()
+
+
+class Weighted(nn.Module):
+    """A sum of named losses with weights; returns the total and each term for the progress bar."""
+
+    def __init__(self, terms: dict[str, tuple[float, nn.Module]]) -> None:
+        super().__init__()
+        self.weights = {name: weight for name, (weight, _) in terms.items()}
+        self.terms = nn.ModuleDict({name: loss for name, (_, loss) in terms.items()})
+
+    def forward(self, embeddings: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        parts = {name: loss(embeddings, batch) for name, loss in self.terms.items()}
+        total = sum((self.weights[name] * value for name, value in parts.items()), torch.zeros(()))
+        return total, {name: float(value.detach()) for name, value in parts.items()}

@@ -1,0 +1,194 @@
+"""Train one encoder's embedding head on cached frozen-trunk features, from one experiment config.
+
+A checkpoint carries its own config and is written atomically at the end of every epoch, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.arch import Encoder, build_encoder
+from training.losses import Batch, Classification, Influence, Regression, Weighted, extend_old_classifier
+
+LOSS_KINDS = ("classification", "influence", "regression")
+
+
+@dataclass
+class LossSpec:
+    """One loss term: `reference` names the frozen model (checkpoint id) for influence and regression."""
+
+    kind: str
+    weight: float = 1.0
+    reference: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """One experiment: the model's identity and lineage, its architecture, losses and schedule."""
+
+    model_id: str
+    role: str
+    version: int
+    arch: str
+    resolution: int
+    num_classes: int
+    losses: list[LossSpec]
+    parents: list[str] = field(default_factory=list)
+    replaces: str = ""
+    group: str = "main"
+    space: str = "concord"
+    dim: int = 256
+    hidden: int = 1024
+    dropout: float = 0.1
+    scale: float = 16.0
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    views: list[str] = field(default_factory=lambda: ["plain", "flip"])
+
+    def __post_init__(self) -> None:
+        self.losses = [LossSpec(**spec) if isinstance(spec, dict) else spec for spec in self.losses]
+        for spec in self.losses:
+            if spec.kind not in LOSS_KINDS:
+                raise ValueError(f"{self.model_id}: unknown loss {spec.kind!r}; known: {LOSS_KINDS}")
+            if spec.kind != "classification" and not spec.reference:
+                raise ValueError(f"{self.model_id}: loss {spec.kind!r} needs a reference model")
+
+    @property
+    def references(self) -> list[str]:
+        return list(dict.fromkeys(spec.reference for spec in self.losses if spec.reference))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainConfig:
+        with open(path, "rb") as f:
+            return cls(**tomllib.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainData:
+    """Cached trunk features [views, N, 1280] of the training photos, their labels, and the frozen
+    reference models' embeddings [views, N, dim] and classifiers of the same photos, by model id."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    references: dict[str, torch.Tensor] = field(default_factory=dict)
+    classifiers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def build_losses(config: TrainConfig, data: TrainData) -> Weighted:
+    """The config's loss terms, with frozen reference classifiers extended to every training class."""
+    terms: dict[str, tuple[float, nn.Module]] = {}
+    for spec in config.losses:
+        if spec.kind == "classification":
+            loss: nn.Module = Classification(config.dim, config.num_classes, config.scale)
+        elif spec.kind == "influence":
+            old = extend_old_classifier(data.classifiers[spec.reference], data.references[spec.reference][0],
+                                        data.labels, config.num_classes)
+            loss = Influence(old, config.scale)
+        else:
+            loss = Regression(spec.reference)
+        terms[f"{spec.kind}:{spec.reference}" if spec.reference else spec.kind] = (spec.weight, loss)
+    return Weighted(terms)
+
+
+def classifier_weight(losses: Weighted) -> torch.Tensor | None:
+    """The model's own trained classifier (kept in the checkpoint: later models' BCT needs it)."""
+    for loss in losses.terms.values():
+        if isinstance(loss, Classification):
+            return loss.classifier.weight.detach().clone()
+    return None
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: temporary file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    return state
+
+
+def encoder_from_checkpoint(state: dict[str, Any]) -> Encoder:
+    """Rebuild the encoder a checkpoint describes (its config travels with it)."""
+    cfg = state["config"]
+    encoder = build_encoder(cfg["arch"], cfg["resolution"], cfg["dim"], cfg["hidden"], cfg["dropout"],
+                            pretrained=False)
+    encoder.load_state_dict(state["model"])
+    return encoder.eval()
+
+
+@torch.no_grad()
+def embed_features(encoder: Encoder, features: torch.Tensor, batch: int = 4096) -> torch.Tensor:
+    """Embeddings of cached trunk features through the encoder's head (eval mode)."""
+    encoder.eval()
+    return torch.cat([encoder.head(features[i:i + batch]) for i in range(0, len(features), batch)])
+
+
+def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool = True) -> dict[str, Any]:
+    """Train the head of `config`'s encoder on `data`; resume from `checkpoint` if it is unfinished."""
+    torch.manual_seed(config.seed)
+    encoder = build_encoder(config.arch, config.resolution, config.dim, config.hidden, config.dropout)
+    losses = build_losses(config, data)
+    params = [p for p in [*encoder.head.parameters(), *losses.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    num_views, num_photos = data.features.shape[:2]
+    steps_per_epoch = (num_photos + config.batch_size - 1) // config.batch_size
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch,
+                                                    pct_start=0.1)
+    start = 0
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        if state.get("done"):
+            return state
+        encoder.load_state_dict(state["model"])
+        losses.load_state_dict(state["losses"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["epoch"]
+    generator = torch.Generator().manual_seed(config.seed + start)
+    bar = tqdm(range(start, config.epochs), desc=config.model_id, unit="epoch", disable=not progress)
+    state = {}
+    for epoch in bar:
+        encoder.head.train()
+        began, totals = time.perf_counter(), {}
+        order = torch.randperm(num_photos, generator=generator)
+        for i in range(0, num_photos, config.batch_size):
+            idx = order[i:i + config.batch_size]
+            view = torch.randint(num_views, (len(idx),), generator=generator)
+            batch = Batch(data.labels[idx], {ref: emb[view, idx] for ref, emb in data.references.items()})
+            loss, parts = losses(encoder.head(data.features[view, idx]), batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            totals = {k: totals.get(k, 0.0) + v * len(idx) / num_photos for k, v in parts.items()}
+        rate = num_photos / (time.perf_counter() - began)
+        bar.set_postfix({**{k.split(":")[0][:5]: f"{v:.3f}" for k, v in totals.items()}, "photo/s": f"{rate:.0f}"})
+        state = {"config": config.to_dict(), "model": encoder.state_dict(), "losses": losses.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                 "classifier": classifier_weight(losses), "done": epoch + 1 == config.epochs,
+                 "loss": totals}
+        save_checkpoint(checkpoint, state)
+    return state
