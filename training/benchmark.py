@@ -1,0 +1,107 @@
+"""The benchmark, top to bottom: cache trunk features, train every model of the recipe in order, embed
+the gallery and the queries with each, and evaluate. Every step is resumable: finished work is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.cache import compute_features, feature_matrix
+from training.data import Benchmark, PhotoSet, load_benchmark
+from training.trainer import TrainConfig, TrainData, embed_features, encoder_from_checkpoint, load_checkpoint, train
+
+RECIPE = ("cloud-v1", "edge-v1", "cloud-v2", "edge-v2", "cloud-v2-independent", "cloud-v2-l2")
+"""Training order: each model's references come before it."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where the benchmark keeps its work: feature cache, checkpoints, reports."""
+
+    cache: Path = Path("cache")
+    runs: Path = Path("runs")
+    reports: Path = Path("reports/benchmark")
+
+    def checkpoint(self, model_id: str) -> Path:
+        return self.runs / model_id / "checkpoint.pt"
+
+
+def recipe_config(model_id: str) -> TrainConfig:
+    """The shipped experiment config of a benchmark model (training/configs/<id>.toml)."""
+    path = resources.files("training") / "configs" / f"{model_id}.toml"
+    return TrainConfig.from_toml(str(path))
+
+
+def features(bench: Benchmark, photos: PhotoSet, arch: str, resolution: int, views: list[str],
+             cache: Path) -> torch.Tensor:
+    """Trunk features [views, N, 1280] of `photos`, computed once and cached."""
+    rows = []
+    for view in views:
+        table = compute_features(bench.image_dir, photos.paths, arch, resolution, view, cache)
+        rows.append(torch.from_numpy(feature_matrix(table, photos.paths)))
+    return torch.stack(rows)
+
+
+def training_data(config: TrainConfig, bench: Benchmark, paths: Paths) -> TrainData:
+    """Features of the config's training photos plus its frozen references' embeddings and classifiers."""
+    photos = bench.training_set(config.num_classes)
+    data = TrainData(features(bench, photos, config.arch, config.resolution, config.views, paths.cache),
+                     torch.from_numpy(photos.labels))
+    for ref in config.references:
+        state = load_checkpoint(paths.checkpoint(ref))
+        if not state.get("done"):
+            raise RuntimeError(f"{config.model_id} needs the finished model {ref}; train it first")
+        encoder = encoder_from_checkpoint(state)
+        ref_cfg = state["config"]
+        ref_features = features(bench, photos, ref_cfg["arch"], ref_cfg["resolution"], config.views, paths.cache)
+        data.references[ref] = torch.stack([embed_features(encoder, view) for view in ref_features])
+        if state.get("classifier") is not None:
+            data.classifiers[ref] = state["classifier"]
+    return data
+
+
+def train_model(model_id: str, bench: Benchmark, paths: Paths, config: TrainConfig | None = None) -> Path:
+    """Train one benchmark model (skipped when its checkpoint is finished); returns the checkpoint."""
+    config = config or recipe_config(model_id)
+    checkpoint = paths.checkpoint(config.model_id)
+    if checkpoint.exists() and load_checkpoint(checkpoint).get("done"):
+        return checkpoint
+    train(config, training_data(config, bench, paths), checkpoint)
+    return checkpoint
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """One model's embeddings of the benchmark: queries always, gallery for cloud models."""
+
+    config: TrainConfig
+    queries: np.ndarray
+    gallery: np.ndarray | None
+
+
+def embed_model(model_id: str, bench: Benchmark, paths: Paths) -> Embedded:
+    """Encode the queries (and, for a cloud model, the gallery) with a trained model."""
+    state = load_checkpoint(paths.checkpoint(model_id))
+    config = TrainConfig(**state["config"])
+    encoder = encoder_from_checkpoint(state)
+
+    def encode(photos: PhotoSet) -> np.ndarray:
+        feats = features(bench, photos, config.arch, config.resolution, ["plain"], paths.cache)[0]
+        return embed_features(encoder, feats).numpy()
+
+    return Embedded(config, encode(bench.queries), encode(bench.gallery) if config.role == "cloud" else None)
+
+
+def run(models: tuple[str, ...] = RECIPE, data_root: Path | None = None,
+        paths: Paths | None = None) -> dict[str, Embedded]:
+    """Train every model of the recipe in order (resumable) and return their benchmark embeddings."""
+    paths = paths or Paths()
+    bench = load_benchmark(data_root)
+    for model_id in models:
+        train_model(model_id, bench, paths)
+    return {model_id: embed_model(model_id, bench, paths) for model_id in models}
