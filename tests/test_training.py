@@ -156,7 +156,8 @@ def test_tiny_training_run_improves_its_own_metric(tmp_path: Path) -> None:
         predicted = (head_embeddings[~train_idx] @ classifier.T).argmax(1).numpy()
         return float((predicted == labels[~train_idx]).mean())
 
-    before, after = held_out_accuracy(embed_features(untrained, feats)), held_out_accuracy(embed_features(trained, feats))
+    before = held_out_accuracy(embed_features(untrained, feats))
+    after = held_out_accuracy(embed_features(trained, feats))
     assert after >= 0.9 and after > before
     assert state["done"] and state["loss"]["classification"] < 1.0
     resumed = train(config, data, tmp_path / "tiny.pt", progress=False)  # a finished run is not redone
