@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from torch import nn
 
 from models.manifest import Manifest, ModelEntry, ModelFile, Space
 from models.preprocess import Preprocess
+from models.release import sha256_file
 
 TINY_DIM = 32
 SPACE = "tiny"
@@ -48,10 +48,6 @@ TINY_MODELS = [
     ("cloud-v2", "cloud", 2, ["cloud-v1"], 64, 3, 0.05),
     ("edge-v2", "edge", 2, ["cloud-v2", "edge-v1"], 32, 4, 0.06),
 ]
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def tiny_metrics(model_id: str) -> dict[str, object]:

@@ -1,0 +1,97 @@
+"""The release store: a folder of ONNX files and the manifest that names them, verified before use.
+
+`Release.load` validates the manifest and (by default) the sha256 of every file it names, so a missing,
+truncated or tampered file is refused at start, by model id and file name. `Release.encoder` hashes the
+bytes it actually loads as well, so a file swapped after start is refused too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+from models.manifest import Manifest, ModelFile
+from models.runtime import EncoderError, OnnxEncoder
+
+CHUNK = 1 << 20
+
+
+class ReleaseError(ValueError):
+    """A release whose files are missing, outside its folder or differ from the manifest's sha256."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Release:
+    """A loaded release: its manifest, its folder and cached encoders of its files."""
+
+    def __init__(self, folder: str | Path, manifest: Manifest) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self._encoders: dict[tuple[str, str, int | None], OnnxEncoder] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, folder: str | Path, verify: bool = True) -> Release:
+        """Read `folder/manifest.json` (ManifestError if invalid) and, with `verify`, check every file's sha256."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ReleaseError(f"{folder}: no release folder here")
+        release = cls(folder, Manifest.load(folder))
+        for entry in release.manifest.models.values():
+            for variant, model_file in entry.files().items():
+                path = release._resolve(entry.id, variant, model_file)
+                if verify:
+                    release._verify(entry.id, variant, model_file, path)
+        return release
+
+    def _resolve(self, model_id: str, variant: str, model_file: ModelFile) -> Path:
+        name = Path(model_file.file)
+        if name.is_absolute() or ".." in name.parts or not name.parts:
+            raise ReleaseError(f"model {model_id!r} {variant} file {model_file.file!r}: must be a path inside "
+                               f"the release folder")
+        return self.folder / name
+
+    def _verify(self, model_id: str, variant: str, model_file: ModelFile, path: Path) -> None:
+        if not path.is_file():
+            raise ReleaseError(f"model {model_id!r} {variant} file {model_file.file!r}: missing from {self.folder}")
+        actual = sha256_file(path)
+        if actual != model_file.sha256:
+            raise ReleaseError(f"model {model_id!r} {variant} file {model_file.file!r}: sha256 {actual} differs "
+                               f"from the manifest's {model_file.sha256}; the file was changed or damaged")
+
+    def file(self, model_id: str, variant: str = "server") -> ModelFile:
+        """The manifest's record of one file (KeyError for an unknown model, ReleaseError for a variant)."""
+        files = self.manifest.model(model_id).files()
+        if variant not in files:
+            raise ReleaseError(f"model {model_id!r} has no {variant!r} file; it has {sorted(files)}")
+        return files[variant]
+
+    def path(self, model_id: str, variant: str = "server") -> Path:
+        """Where the file of `model_id`'s `variant` lies ('server' is the dynamic-batch fp32 file)."""
+        return self._resolve(model_id, variant, self.file(model_id, variant))
+
+    def encoder(self, model_id: str, variant: str = "server", threads: int | None = None) -> OnnxEncoder:
+        """The encoder of one file, loaded once (its bytes verified against the manifest) and cached."""
+        key = (model_id, variant, threads)
+        with self._lock:
+            if key not in self._encoders:
+                model_file = self.file(model_id, variant)
+                path = self._resolve(model_id, variant, model_file)
+                try:
+                    self._encoders[key] = OnnxEncoder(path, self.manifest.model(model_id), threads,
+                                                      batch_size=16, sha256=model_file.sha256)
+                except EncoderError as err:
+                    raise ReleaseError(f"{variant} file: {err}") from None
+            return self._encoders[key]
+
+    def __repr__(self) -> str:
+        return f"Release({str(self.folder)!r}, models={sorted(self.manifest.models)})"
