@@ -175,7 +175,8 @@ def _replacement_problem(manifest: Manifest, candidate: ModelEntry, replaces_id:
         return f"the replaced model {replaces_id!r} is not in the release"
     old = manifest.model(replaces_id)
     if old.role != candidate.role:
-        return f"{replaces_id!r} is a {old.role} model; a {candidate.role} model only replaces one of its role"
+        return (f"{replaces_id!r} is a {old.role} model and {candidate.id!r} a {candidate.role} model: a model only "
+                f"replaces one of its own role")
     if old.space != candidate.space:
         return f"{replaces_id!r} is in space {old.space!r}, not {candidate.space!r}"
     if old.version >= candidate.version:

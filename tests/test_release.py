@@ -1,0 +1,167 @@
+"""The release store: a real release loads; missing, tampered or misplaced files and bad manifests are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.lineage import comparable, explain_incompatible, lineage, searchable_galleries
+from models.manifest import Manifest, ManifestError
+from models.release import Release, ReleaseError, sha256_file
+from models.runtime import OnnxEncoder
+
+
+def copy(tiny_release: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_release, tmp_path / "release"))
+
+
+def manifest_data(folder: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
+    return data
+
+
+def flip_byte(path: Path, at: int = 200) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_the_tiny_release_loads_and_verifies(tiny_release: Path) -> None:
+    release = Release.load(tiny_release)
+    assert sorted(release.manifest.models) == ["cloud-v1", "cloud-v2", "edge-v1", "edge-v2"]
+    assert release.folder == tiny_release
+    for entry in release.manifest.models.values():
+        for variant, model_file in entry.files().items():
+            assert sha256_file(release.path(entry.id, variant)) == model_file.sha256
+    assert release.path("edge-v1", "device-fp32").name == "edge-v1.device.onnx"
+
+
+def test_encoders_are_cached_per_file_and_threads(tiny_release: Path) -> None:
+    release = Release.load(tiny_release)
+    encoder = release.encoder("edge-v2", "device-fp32")
+    assert isinstance(encoder, OnnxEncoder) and encoder.model_id == "edge-v2" and encoder.fixed_batch == 1
+    assert release.encoder("edge-v2", "device-fp32") is encoder
+    assert release.encoder("edge-v2") is not encoder and release.encoder("edge-v2").fixed_batch is None
+    assert release.encoder("edge-v2", "device-fp32", threads=1) is not encoder
+
+
+@pytest.mark.parametrize("variant, name", [("server", "edge-v2.onnx"), ("device-fp32", "edge-v2.device.onnx")])
+def test_a_tampered_file_is_refused_by_model_and_name(tiny_release: Path, tmp_path: Path, variant: str,
+                                                      name: str) -> None:
+    folder = copy(tiny_release, tmp_path)
+    flip_byte(folder / name)
+    with pytest.raises(ReleaseError, match=rf"'edge-v2' {variant} file '{name}': sha256 .* differs"):
+        Release.load(folder)
+
+
+def test_a_missing_file_is_refused_by_model_and_name(tiny_release: Path, tmp_path: Path) -> None:
+    folder = copy(tiny_release, tmp_path)
+    (folder / "cloud-v2.onnx").unlink()
+    with pytest.raises(ReleaseError, match=r"'cloud-v2' server file 'cloud-v2.onnx': missing"):
+        Release.load(folder)
+
+
+def test_a_file_swapped_after_an_unverified_load_is_refused_when_loaded(tiny_release: Path, tmp_path: Path) -> None:
+    folder = copy(tiny_release, tmp_path)
+    release = Release.load(folder, verify=False)
+    shutil.copy(folder / "cloud-v1.onnx", folder / "cloud-v2.onnx")  # a valid graph, but not the released one
+    assert release.encoder("cloud-v1").model_id == "cloud-v1"
+    with pytest.raises(ReleaseError, match=r"'cloud-v2' file cloud-v2.onnx: sha256 .* refusing"):
+        release.encoder("cloud-v2")
+
+
+def test_a_file_outside_the_release_folder_is_refused(tiny_release: Path, tmp_path: Path) -> None:
+    folder = copy(tiny_release, tmp_path)
+    data = manifest_data(folder)
+    data["models"][0]["file"] = "../elsewhere.onnx"
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ReleaseError, match=r"'cloud-v1' server file '../elsewhere.onnx': must be a path inside"):
+        Release.load(folder, verify=False)
+
+
+def test_unknown_models_and_variants_are_named(tiny_release: Path, tmp_path: Path) -> None:
+    release = Release.load(tiny_release)
+    with pytest.raises(KeyError, match="unknown model 'cloud-v9'"):
+        release.encoder("cloud-v9")
+    with pytest.raises(ReleaseError, match=r"'cloud-v1' has no 'device-fp32' file; it has \['server'\]"):
+        release.path("cloud-v1", "device-fp32")
+    with pytest.raises(ReleaseError, match="no release folder"):
+        Release.load(tmp_path / "nowhere")
+
+
+def mutate(data: dict[str, Any], model: int, change: dict[str, Any]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))
+    for key, value in change.items():
+        if value is None:
+            del data["models"][model][key]
+        else:
+            data["models"][model][key] = value
+    return data
+
+
+@pytest.mark.parametrize("model, change, message", [
+    (0, {"dim": "32"}, r"model 'cloud-v1'.dim: expected int, got str '32'"),
+    (0, {"role": "phone"}, r"model 'cloud-v1'.role: must be one of \('cloud', 'edge'\), got 'phone'"),
+    (1, {"sha256": None}, r"model 'edge-v1': missing the field 'sha256'"),
+    (1, {"sha256": "abc"}, r"model 'edge-v1'.sha256: expected 64 lowercase hex digits"),
+    (2, {"dim": 64}, r"model 'cloud-v2'.dim: 64 differs from the dim 32 of space 'tiny'"),
+    (3, {"parents": ["cloud-v2", "edge-v0"]}, r"model 'edge-v2': parent 'edge-v0' is not in the release"),
+    (3, {"space": "other"}, r"model 'edge-v2'.space: unknown space 'other'"),
+    (2, {"preprocess": {"crop": 64}}, r"model 'cloud-v2'.preprocess is missing the key 'resize'"),
+    (2, {"version": 0}, r"model 'cloud-v2'.version: must be a positive integer"),
+])
+def test_a_manifest_with_a_wrong_field_names_it(tiny_release: Path, model: int, change: dict[str, Any],
+                                                message: str) -> None:
+    data = manifest_data(tiny_release)
+    assert Manifest.from_dict(data).to_dict() == data  # the untouched manifest round-trips
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_dict(mutate(data, model, change))
+
+
+def test_a_bad_manifest_file_is_a_manifest_error_on_load(tiny_release: Path, tmp_path: Path) -> None:
+    folder = copy(tiny_release, tmp_path)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Release.load(folder)
+
+
+def test_lineage_and_who_may_search_whom(tiny_release: Path) -> None:
+    manifest = Release.load(tiny_release, verify=False).manifest
+    assert lineage(manifest, "cloud-v1") == set()
+    assert lineage(manifest, "edge-v2") == {"cloud-v2", "edge-v1", "cloud-v1"}
+    assert comparable(manifest, "edge-v1", "cloud-v1")  # an edge and the cloud it was trained toward
+    assert comparable(manifest, "cloud-v1", "edge-v2")  # ancestor and descendant, both ways
+    assert comparable(manifest, "edge-v1", "cloud-v2")  # a late device searches the upgraded gallery
+    assert searchable_galleries(manifest, "edge-v1") == ["cloud-v1", "cloud-v2", "edge-v1", "edge-v2"]
+    assert explain_incompatible(manifest, "edge-v1", "cloud-v2") == ""
+
+
+def with_models(manifest: Manifest, extra: list[dict[str, Any]], spaces: list[dict[str, Any]]) -> Manifest:
+    data = manifest.to_dict()
+    template = data["models"][0]
+    data["models"] += [{**template, **change} for change in extra]
+    data["spaces"] += spaces
+    return Manifest.from_dict(data)
+
+
+def test_models_not_joined_by_lineage_or_in_another_space_are_not_comparable(tiny_release: Path) -> None:
+    base = Release.load(tiny_release, verify=False).manifest
+    manifest = with_models(base, [
+        {"id": "cloud-v2-independent", "version": 2, "parents": []},
+        {"id": "merged", "version": 3, "parents": ["cloud-v2-independent", "cloud-v2"]},
+        {"id": "wide", "space": "wide", "dim": 64, "parents": []},
+    ], [{"id": "wide", "dim": 64, "metric": "inner_product"}])
+    assert not comparable(manifest, "cloud-v2-independent", "cloud-v1")
+    # a model with parents in two unrelated lineages does not make those lineages comparable
+    assert comparable(manifest, "merged", "cloud-v1") and comparable(manifest, "merged", "cloud-v2-independent")
+    assert not comparable(manifest, "cloud-v2", "cloud-v2-independent")
+    why = explain_incompatible(manifest, "cloud-v2-independent", "cloud-v1")
+    assert "not joined by lineage" in why and "backfill" in why and "['cloud-v2-independent']" in why
+    why = explain_incompatible(manifest, "wide", "cloud-v1")
+    assert "space 'wide'" in why and "space 'tiny'" in why and not comparable(manifest, "wide", "cloud-v1")
+    assert "unknown query model 'nope'" in explain_incompatible(manifest, "nope", "cloud-v1")
+    assert not comparable(manifest, "cloud-v1", "nope")
