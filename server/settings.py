@@ -1,0 +1,104 @@
+"""Server settings: one frozen dataclass, read from `CONCORD_*` environment variables and the command line.
+
+Every field `name` has the variable `CONCORD_<NAME>` (e.g. `CONCORD_DATA_DIR`, `CONCORD_API_KEY`); values
+given on the command line win over the environment, which wins over the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+PREFIX = "CONCORD_"
+DEFAULT_RELEASE = Path(__file__).resolve().parent.parent / "models" / "release"
+"""The release shipped inside the package (`models/release/`)."""
+ACTIVE_MODEL_KEY = "active_cloud_model"
+"""The store setting that records which cloud model indexes new photos (durable across restarts)."""
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off", "")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names its environment variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `create_app` needs. Paths are resolved when the app starts, not here."""
+
+    release: Path = DEFAULT_RELEASE
+    """Release folder: manifest.json and the ONNX files it names (sha256-verified at start)."""
+    data_dir: Path = Path("concord-data")
+    """Where the embedded gallery store (SQLite catalogue, FAISS index, photo bytes) lives."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    """Key required in `X-API-Key` (or `Authorization: Bearer`) for writes; None leaves writes open."""
+    auth_reads: bool = False
+    """Require the API key for reads (search, photos, models, stats) too."""
+    model: str | None = None
+    """Cloud model that indexes photos in a NEW store (default: the newest cloud model). A store remembers its
+    active model; change it later only through `POST /v1/models/upgrade`."""
+    max_request_bytes: int = 64 * 1024 * 1024
+    """Largest request body accepted; a larger one gets 413 before it is read."""
+    max_files: int = 256
+    """Most photos in one upload."""
+    keep_bytes: bool = True
+    """Keep each photo's bytes (content-addressed): without them no later backfill is possible."""
+    index: str = "flat"
+    """FAISS index kind of the store (see `server.store.IndexSpec`)."""
+    threads: int | None = None
+    """onnxruntime intra-op threads per encoder (None: one per core)."""
+    verify_release: bool = True
+    """Check every release file's sha256 at start."""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_request_bytes", "max_files"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{PREFIX}{name.upper()}: must be a positive integer, got {getattr(self, name)}")
+        if self.threads is not None and self.threads <= 0:
+            raise SettingsError(f"{PREFIX}THREADS: must be a positive integer, got {self.threads}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise SettingsError(f"{PREFIX}API_KEY: must not be blank (unset it to leave writes open)")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes` applied; None values are ignored (an option not given on the command line)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then `CONCORD_*` variables of `environ` (default: os.environ), then non-None `overrides`."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, str(f.type), raw)
+        return cls(**values).replace(**overrides)
+
+
+def _parse(name: str, kind: str, raw: str) -> Any:
+    """Turn the text of `CONCORD_<NAME>` into the field's type, naming the variable when it cannot."""
+    var = PREFIX + name.upper()
+    optional = "None" in kind
+    if optional and raw.strip() == "":
+        return None
+    if "Path" in kind:
+        return Path(raw).expanduser()
+    if "bool" in kind:
+        if raw.strip().lower() in TRUE:
+            return True
+        if raw.strip().lower() in FALSE:
+            return False
+        raise SettingsError(f"{var}: expected true/false (1/0, yes/no, on/off), got {raw!r}")
+    if "int" in kind:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(f"{var}: expected an integer, got {raw!r}") from None
+    return raw

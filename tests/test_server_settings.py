@@ -1,0 +1,68 @@
+"""Server settings from the environment and the command line; the API key check; photo sniffing by bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.security import AuthError, check_key, sniff_image
+from server.settings import DEFAULT_RELEASE, Settings, SettingsError
+from tests.server_helpers import bomb_png, make_photo
+
+
+def test_defaults_serve_the_shipped_release_on_loopback() -> None:
+    settings = Settings.from_env({})
+    assert settings.host == "127.0.0.1" and settings.port == 8000
+    assert settings.release == DEFAULT_RELEASE and DEFAULT_RELEASE.parts[-2:] == ("models", "release")
+    assert settings.data_dir == Path("concord-data")
+    assert settings.api_key is None and settings.auth_reads is False and settings.keep_bytes is True
+
+
+def test_environment_then_command_line() -> None:
+    env = {"CONCORD_RELEASE": "/r", "CONCORD_DATA_DIR": "/d", "CONCORD_PORT": "9001", "CONCORD_AUTH_READS": "yes",
+           "CONCORD_API_KEY": "k", "CONCORD_KEEP_BYTES": "0", "CONCORD_THREADS": "", "CONCORD_MODEL": "cloud-v1"}
+    settings = Settings.from_env(env, port=9002, model=None)
+    assert settings.release == Path("/r") and settings.data_dir == Path("/d")
+    assert settings.port == 9002, "the command line wins over the environment"
+    assert settings.model == "cloud-v1", "an option not given (None) keeps the environment's value"
+    assert settings.auth_reads is True and settings.keep_bytes is False and settings.threads is None
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"CONCORD_PORT": "eighty"}, "CONCORD_PORT: expected an integer"),
+    ({"CONCORD_AUTH_READS": "maybe"}, "CONCORD_AUTH_READS: expected true/false"),
+    ({"CONCORD_MAX_REQUEST_BYTES": "0"}, "CONCORD_MAX_REQUEST_BYTES: must be a positive integer"),
+])
+def test_bad_settings_name_their_variable(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment):
+        Settings.from_env(env)
+
+
+def test_a_blank_key_is_refused_and_an_empty_variable_unsets_it() -> None:
+    with pytest.raises(SettingsError, match="CONCORD_API_KEY: must not be blank"):
+        Settings(api_key="  ")
+    assert Settings.from_env({"CONCORD_API_KEY": ""}).api_key is None
+
+
+def test_api_key_check() -> None:
+    check_key(None, None)  # no key configured: open
+    check_key("secret", "secret")
+    with pytest.raises(AuthError) as missing:
+        check_key("secret", None)
+    assert missing.value.status == 401
+    with pytest.raises(AuthError) as wrong:
+        check_key("secret", "secreT")
+    assert wrong.value.status == 403
+
+
+def test_photos_are_judged_by_their_bytes() -> None:
+    assert sniff_image(make_photo(1)) == "image/jpeg"
+    assert sniff_image(make_photo(1, fmt="PNG")) == "image/png"
+    assert sniff_image(make_photo(1, fmt="WEBP")) == "image/webp"
+    assert sniff_image(make_photo(1, fmt="GIF")) == "image/gif"
+    assert sniff_image(make_photo(1, fmt="BMP")) == "image/bmp"
+    assert sniff_image(make_photo(1, fmt="TIFF")) == "image/tiff"
+    assert sniff_image(bomb_png()) == "image/png"
+    assert sniff_image(b"<html>not a photo</html>") is None
+    assert sniff_image(b"") is None
