@@ -1,0 +1,185 @@
+"""`concord quantize | encode | query | device-bench`: the device side's commands.
+
+Heavy imports (onnxruntime, onnx) happen inside the commands; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+ReleaseOpt = Annotated[Path | None, typer.Option("--release", help="Release folder (default: $CONCORD_RELEASE, "
+                                                 "else ./release).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Edge model id (default: the newest edge model).")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `concord: message` on stderr and exit with `code`."""
+    print(f"concord: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from edge.client import SearchError
+    from edge.photos import PhotoSourceError
+    from edge.quantize import QuantizeError
+    from models.manifest import ManifestError
+    from models.preprocess import ImageError
+    from models.release import ReleaseError
+
+    return (SearchError, PhotoSourceError, QuantizeError, ManifestError, ImageError, ReleaseError,
+            KeyError, FileNotFoundError, ValueError)
+
+
+def _explain(err: BaseException) -> NoReturn:
+    fail(err.args[0] if isinstance(err, KeyError) and err.args else str(err))
+
+
+@app.command()
+def quantize(
+    model_id: Annotated[str, typer.Argument(help="The edge model to quantise (it needs a device-fp32 file).")],
+    calibration: Annotated[Path, typer.Option(help="A folder of photos, or a list file of photo paths "
+                                              "(e.g. Caltech-101 train.txt).")],
+    release: ReleaseOpt = None,
+    count: Annotated[int | None, typer.Option(help="Use this many photos, spread evenly over the list.")] = 256,
+    root: Annotated[Path | None, typer.Option(help="Folder that relative lines of a list file start from.")] = None,
+    method: Annotated[str, typer.Option(help="Calibration: minmax, entropy or percentile.")] = "minmax",
+    activations: Annotated[str, typer.Option(help="Activation type: uint8 or int8.")] = "uint8",
+    weights: Annotated[str, typer.Option(help="Weight type: int8 or uint8.")] = "int8",
+    reduce_range: Annotated[bool, typer.Option(help="7-bit weights: no int16 saturation on x86 CPUs "
+                                               "without VNNI (--no-reduce-range for ARM/VNNI devices).")] = True,
+    per_channel: Annotated[bool, typer.Option(help="Per-channel weight scales.")] = True,
+    pre_process: Annotated[bool, typer.Option(help="Run onnxruntime's quant_pre_process first.")] = True,
+) -> None:
+    """Quantise an edge model to int8 (static QDQ, calibrated on real photos) and register `device-int8`."""
+    from edge.choice import release_dir
+    from edge.photos import list_photos
+    from edge.quantize import QuantizeConfig, quantize_model
+
+    try:
+        photos = list_photos(calibration, count, root)
+        config = QuantizeConfig(calibrate_method=method, activations=activations, weights=weights,
+                                reduce_range=reduce_range, per_channel=per_channel, pre_process=pre_process)
+        result = quantize_model(release_dir(release), model_id, photos, config)
+    except _user_errors() as err:
+        _explain(err)
+    print(f"wrote {result.file} ({result.size_bytes / 1e6:.2f} MB, fp32 {result.fp32_size_bytes / 1e6:.2f} MB) "
+          f"calibrated on {result.calibration_photos} photos in {result.seconds:.1f} s")
+    print(f"cosine to fp32 on {QuantizeConfig().check_photos} photos: mean {result.cosine_mean:.5f}, "
+          f"min {result.cosine_min:.5f}; registered as device-int8 (sha256 {result.sha256[:12]}...)")
+    if result.skipped_photos:
+        print(f"skipped {len(result.skipped_photos)} unreadable photos, e.g. {result.skipped_photos[0]}")
+
+
+@app.command()
+def encode(
+    photos: Annotated[list[Path], typer.Argument(help="Photos to encode.")],
+    release: ReleaseOpt = None,
+    model: ModelOpt = None,
+    variant: Annotated[str | None, typer.Option(help="File to run (default: device-int8, else device-fp32).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Save to a .npy ([N, dim] float32) or .json file.")] = None,
+) -> None:
+    """Encode photos on this device and print (one JSON line each) or save their embeddings."""
+    from edge.choice import release_dir
+    from edge.client import encode_photos
+
+    if out is not None and out.suffix not in (".npy", ".json"):
+        fail(f"--out must end in .npy or .json, got {out.name!r}")
+    try:
+        encoded = encode_photos(release_dir(release), photos, model, variant)
+    except _user_errors() as err:
+        _explain(err)
+    if out is None:
+        for photo, vector in zip(encoded.photos, encoded.vectors, strict=True):
+            print(json.dumps({"photo": photo, "model_id": encoded.model_id, "variant": encoded.variant,
+                              "embedding": [round(float(x), 7) for x in vector]}))
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        import numpy as np
+
+        np.save(out, encoded.vectors)
+    else:
+        out.write_text(json.dumps({"model_id": encoded.model_id, "variant": encoded.variant,
+                                   "dim": int(encoded.vectors.shape[1]), "photos": encoded.photos,
+                                   "embeddings": encoded.vectors.tolist()}) + "\n")
+    print(f"wrote {len(encoded.photos)} embeddings of {encoded.model_id} ({encoded.variant}) to {out}")
+
+
+@app.command()
+def query(
+    photo: Annotated[Path, typer.Argument(help="The query photo (it stays on this device).")],
+    server: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000.")],
+    k: Annotated[int, typer.Option(help="Number of hits.")] = 10,
+    api_key: Annotated[str | None, typer.Option(envvar="CONCORD_API_KEY", help="API key (X-API-Key).")] = None,
+    release: ReleaseOpt = None,
+    model: ModelOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 10.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.")] = False,
+) -> None:
+    """Encode a photo on this device, send only its embedding to the server, print the hits."""
+    from edge.choice import release_dir
+    from edge.client import SearchClient, encode_photos, format_hits
+
+    try:
+        encoded = encode_photos(release_dir(release), [photo], model)
+        with SearchClient(server, api_key, timeout) as client:
+            hits = client.search_embedding(encoded.vectors[0], encoded.model_id, k)
+    except _user_errors() as err:
+        _explain(err)
+    if as_json:
+        print(json.dumps({"model_id": encoded.model_id, "variant": encoded.variant,
+                          "hits": [vars(h) for h in hits]}, indent=2))
+    else:
+        print(f"encoded {photo} on this device with {encoded.model_id} ({encoded.variant})")
+        print(format_hits(hits))
+
+
+@app.command("device-bench")
+def device_bench(
+    release: ReleaseOpt = None,
+    photo: Annotated[Path | None, typer.Option(help="A real photo to time (default: the first benchmark "
+                                               "query photo).")] = None,
+    rounds: Annotated[int, typer.Option(help="Timed runs per model (interleaved).")] = 300,
+    warmup: Annotated[int, typer.Option(help="Untimed runs per model first.")] = 30,
+    threads: Annotated[int, typer.Option(help="Threads per onnxruntime session.")] = 1,
+    edge: Annotated[str | None, typer.Option(help="Edge model id (default: the newest).")] = None,
+    cloud: Annotated[str | None, typer.Option(help="Cloud model id (default: the edge model's cloud).")] = None,
+    accuracy: Annotated[bool, typer.Option(help="Also measure int8 vs fp32 Recall@1 on the benchmark.")] = False,
+    timing: Annotated[bool, typer.Option(help="Time the encoders (--no-timing: accuracy only).")] = True,
+    data: Annotated[Path | None, typer.Option(help="Caltech-101 folder (default: $CONCORD_DATA, else "
+                                              "../shared/datasets/caltech101).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Accuracy on about this many photos of each set.")] = None,
+    cache: Annotated[Path, typer.Option(help="Cache of benchmark embeddings.")] = Path("cache/edge"),
+    out_dir: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/edge"),
+) -> None:
+    """Time batch-1 encoding of edge fp32, edge int8 and the cloud encoder; optionally their accuracy."""
+    from edge.accuracy import fmt, load_split, run_accuracy
+    from edge.bench import BenchConfig, print_table, run_bench
+    from edge.choice import release_dir
+
+    folder = release_dir(release)
+    try:
+        if timing:
+            if photo is None:
+                split = load_split(data)
+                photo = split.image_dir / split.queries[0]
+            result = run_bench(folder, photo, BenchConfig(rounds, warmup, threads, edge, cloud), out_dir)
+            print(print_table(result))
+            print("wrote " + ", ".join(result["written"]))
+        if accuracy:
+            found = run_accuracy(folder, edge, cloud, data, cache, out_dir, limit)
+            for variant, groups in found["figures"].items():
+                print(f"{found['edge']} {variant} -> {found['cloud']} gallery: " + ", ".join(
+                    f"{g} R@1 {fmt(f['recall@1'])} mAP {fmt(f['map'])}" for g, f in groups.items() if f["queries"]))
+            if "int8_vs_fp32" in found:
+                print("int8 vs fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in found["int8_vs_fp32"].items()))
+            print("wrote " + ", ".join(found["written"]))
+    except _user_errors() as err:
+        _explain(err)
