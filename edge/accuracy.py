@@ -1,0 +1,207 @@
+"""What int8 costs in retrieval: int8-edge and fp32-edge queries searched against the cloud gallery.
+
+Benchmark protocol (DESIGN.md): queries are the `test.txt` photos outside BACKGROUND_Google, the
+gallery is every `train.txt` photo (background included) encoded by the cloud model, a gallery photo is
+relevant to a query of its own class. Figures: Recall@1, Recall@5 and mAP, overall and on old / new
+classes, plus how far int8 moves from fp32 (cosine, rank-1 agreement, negative flips).
+
+The split is read here from the dataset's own files, with the rules of `training.data` (which needs
+torch); the metrics are `training.metrics`, which is torch-free (numpy + faiss) and imported only here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge import report
+from edge.choice import cloud_of, newest
+from models.preprocess import ImageError, load_image
+
+STEM = "device_accuracy"
+BACKGROUND = "BACKGROUND_Google"
+NUM_OLD_CLASSES = 50
+DEFAULT_DATA = Path("../shared/datasets/caltech101")
+DEFAULT_CACHE = Path("cache/edge")
+CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Split:
+    """Photos of the benchmark split with class labels (-1: distractor)."""
+
+    image_dir: Path
+    gallery: list[str]
+    gallery_labels: np.ndarray
+    queries: list[str]
+    query_labels: np.ndarray
+
+
+def load_split(root: str | Path | None = None) -> Split:
+    """Read train.txt (gallery, background kept) and test.txt (queries, background dropped)."""
+    root = Path(root or os.environ.get("CONCORD_DATA") or DEFAULT_DATA)
+    images = root / "101_ObjectCategories"
+    if not images.is_dir():
+        raise FileNotFoundError(f"Caltech-101 not found at {root} (expected {images}); "
+                                "pass --data or set CONCORD_DATA")
+    classes = sorted(d.name for d in images.iterdir() if d.is_dir() and d.name != BACKGROUND)
+    index = {name: i for i, name in enumerate(classes)}
+
+    def read(name: str) -> tuple[list[str], np.ndarray]:
+        lines = [line.strip() for line in (root / name).read_text().splitlines() if line.strip()]
+        return lines, np.array([index.get(p.split("/")[0], -1) for p in lines], dtype=np.int64)
+
+    gallery, gallery_labels = read("train.txt")
+    queries, query_labels = read("test.txt")
+    keep = query_labels >= 0
+    return Split(images, gallery, gallery_labels, [q for q, k in zip(queries, keep, strict=True) if k],
+                 query_labels[keep])
+
+
+def encode_paths(encoders: Sequence[Any], paths: Sequence[Path], progress: str = "") -> list[np.ndarray]:
+    """Decode photos in chunks and encode each chunk with every encoder (one decoding for all)."""
+    out: list[list[np.ndarray]] = [[] for _ in encoders]
+    show = _progress(len(paths), progress)
+    for start in range(0, len(paths), CHUNK):
+        images = []
+        for path in paths[start:start + CHUNK]:
+            try:
+                images.append(load_image(path))
+            except ImageError as err:
+                raise ImageError(f"benchmark photo unusable: {err}") from None
+        for i, encoder in enumerate(encoders):
+            out[i].append(np.asarray(encoder.encode_images(images), dtype=np.float32))
+        show(start + len(images))
+    return [np.concatenate(chunks) for chunks in out]
+
+
+def cached(cache_dir: Path, key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """Load `<key>.npy` from the cache, or make it and save it there (atomically)."""
+    path = cache_dir / f"{key}.npy"
+    if path.is_file():
+        return np.asarray(np.load(path))
+    array = make()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+    return array
+
+
+def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_id: str | None = None,
+                 data: str | Path | None = None, cache_dir: str | Path = DEFAULT_CACHE,
+                 out_dir: str | Path | None = report.DEFAULT_REPORT_DIR, limit: int | None = None) -> dict[str, Any]:
+    """Measure int8 and fp32 edge queries against the cloud gallery; write the report; return it.
+
+    `limit` keeps every n-th photo of gallery and queries so that the total is about `limit` each
+    (for a quick look; the report says so).
+    """
+    from models.release import Release
+
+    release = Release.load(release_folder, verify=True)
+    manifest = release.manifest
+    edge = manifest.model(edge_id) if edge_id else newest(manifest, "edge")
+    cloud = manifest.model(cloud_id) if cloud_id else cloud_of(manifest, edge)
+    variants = [v for v in ("device-fp32", "device-int8") if v in edge.variants]
+    if not variants:
+        raise KeyError(f"edge model {edge.id!r} has no device file (device-fp32 / device-int8)")
+    split = _thin(load_split(data), limit)
+    gallery_paths = [split.image_dir / p for p in split.gallery]
+    query_paths = [split.image_dir / p for p in split.queries]
+    cache = Path(cache_dir)
+
+    def encode_gallery() -> np.ndarray:
+        return encode_paths([release.encoder(cloud.id, "server")], gallery_paths, f"gallery ({cloud.id})")[0]
+
+    gallery = cached(cache, f"gallery-{cloud.id}-{cloud.sha256[:16]}-{_digest(split.gallery)}", encode_gallery)
+    queries = {}
+    for variant in variants:
+
+        def encode_queries(v: str = variant) -> np.ndarray:
+            return encode_paths([release.encoder(edge.id, v)], query_paths, f"queries ({v})")[0]
+
+        sha = edge.variants[variant].sha256
+        queries[variant] = cached(cache, f"queries-{edge.id}-{sha[:16]}-{_digest(split.queries)}", encode_queries)
+    from training.metrics import evaluate_retrieval  # torch-free (numpy + faiss): the benchmark's metrics
+
+    old = (split.query_labels >= 0) & (split.query_labels < NUM_OLD_CLASSES)
+    found = {v: evaluate_retrieval(q, gallery, split.query_labels, split.gallery_labels, old)
+             for v, q in queries.items()}
+    result: dict[str, Any] = {
+        **report.header(), "release": str(release.folder), "edge": edge.id, "cloud": cloud.id,
+        "protocol": {"queries": len(query_paths), "gallery": len(gallery_paths), "thinned_to": limit,
+                     "data": str(split.image_dir.parent), "metrics": "training.metrics.evaluate_retrieval"},
+        "figures": {v: r.to_dict() for v, r in found.items()},
+    }
+    if "device-int8" in queries and "device-fp32" in queries:
+        result["int8_vs_fp32"] = _agreement(queries["device-fp32"], queries["device-int8"], gallery,
+                                            found["device-fp32"].hits_at_1, found["device-int8"].hits_at_1)
+    if out_dir is not None:
+        result["written"] = [str(p) for p in report.write(out_dir, STEM, result, markdown(result))]
+    return result
+
+
+def _agreement(fp32: np.ndarray, int8: np.ndarray, gallery: np.ndarray, hits_fp32: np.ndarray,
+               hits_int8: np.ndarray) -> dict[str, float]:
+    """How far int8 queries move from fp32: cosine, same rank-1 photo, negative and positive flips."""
+    from training.metrics import flip_rates
+
+    cosine = np.sum(fp32 * int8, axis=1)
+    top_a, top_b = np.argmax(fp32 @ gallery.T, axis=1), np.argmax(int8 @ gallery.T, axis=1)
+    nfr, pfr = flip_rates(hits_fp32, hits_int8)
+    return {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+            "same_top1": float(np.mean(top_a == top_b)), "negative_flip_rate": nfr, "positive_flip_rate": pfr,
+            "recall@1_change": float(np.mean(hits_int8) - np.mean(hits_fp32))}
+
+
+def _thin(split: Split, limit: int | None) -> Split:
+    if limit is None:
+        return split
+    g = max(1, len(split.gallery) // limit)
+    q = max(1, len(split.queries) // limit)
+    return Split(split.image_dir, split.gallery[::g], split.gallery_labels[::g], split.queries[::q],
+                 split.query_labels[::q])
+
+
+def _digest(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+
+
+def _progress(total: int, label: str) -> Callable[[int], None]:
+    def show(done: int) -> None:
+        if label:
+            end = "\n" if done >= total else ""
+            print(f"\r  encoding {label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
+    return show
+
+
+def fmt(value: float | None) -> str:
+    """A figure with four decimals; '-' for none (an empty query subset)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The accuracy report as markdown."""
+    p = result["protocol"]
+    rows = []
+    for variant, groups in result["figures"].items():
+        for group, f in groups.items():
+            rows.append([f"{result['edge']} {variant}", result["cloud"], group, str(f["queries"]),
+                         *(fmt(f[key]) for key in ("recall@1", "recall@5", "map"))])
+    text = (f"# Edge int8 vs fp32: queries from the device against the cloud gallery\n\n"
+            f"{p['queries']} queries (test.txt without {BACKGROUND}), gallery of {p['gallery']} photos "
+            f"(train.txt with {BACKGROUND}) encoded by `{result['cloud']}`"
+            f"{' (thinned)' if p['thinned_to'] else ''}.\n\n")
+    text += report.table(["query model", "gallery model", "classes", "queries", "Recall@1", "Recall@5", "mAP"],
+                         rows)
+    if "int8_vs_fp32" in result:
+        text += "\nint8 against fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in result["int8_vs_fp32"].items())
+        text += "\n"
+    return text + "\n" + report.context_markdown(result)
