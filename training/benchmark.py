@@ -7,12 +7,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from training.cache import compute_features, feature_matrix
 from training.data import Benchmark, PhotoSet, load_benchmark
+from training.evaluate import (
+    DevicePair,
+    FlipPair,
+    Labels,
+    MixedSpec,
+    ModelEmbeddings,
+    Protocol,
+    TaxPair,
+    UpgradePair,
+    build_report,
+    write_report,
+)
 from training.trainer import TrainConfig, TrainData, embed_features, encoder_from_checkpoint, load_checkpoint, train
 
 RECIPE = ("cloud-v1", "edge-v1", "cloud-v2", "edge-v2", "cloud-v2-independent", "cloud-v2-l2")
@@ -105,3 +118,53 @@ def run(models: tuple[str, ...] = RECIPE, data_root: Path | None = None,
     for model_id in models:
         train_model(model_id, bench, paths)
     return {model_id: embed_model(model_id, bench, paths) for model_id in models}
+
+
+def cache_recipe(models: tuple[str, ...], data_root: Path | None, paths: Paths) -> None:
+    """Compute every trunk feature the recipe needs (all photos plain; training photos in each view)."""
+    bench = load_benchmark(data_root)
+    photos = PhotoSet(bench.all_paths(), np.zeros(len(bench.all_paths()), dtype=np.int64))
+    for arch, resolution, views in dict.fromkeys(
+            (c.arch, c.resolution, tuple(c.views)) for c in map(recipe_config, models)):
+        features(bench, photos, arch, resolution, ["plain"], paths.cache)
+        features(bench, bench.train, arch, resolution, list(views), paths.cache)
+
+
+def recipe_protocol() -> Protocol:
+    """What the benchmark judges: upgrades, cross-device pairs, the tax, flips and the mixed gallery."""
+    old = ("cloud-v1",)
+    return Protocol(
+        upgrades=(UpgradePair("cloud-v2", "cloud-v1", old), UpgradePair("edge-v2", "edge-v1", old),
+                  UpgradePair("cloud-v2-independent", "cloud-v1", old), UpgradePair("cloud-v2-l2", "cloud-v1", old)),
+        cross_device=(DevicePair("edge-v1", "cloud-v1"), DevicePair("edge-v2", "cloud-v2")),
+        tax=TaxPair("cloud-v2-independent", "cloud-v2"),
+        flips=(FlipPair("cloud-v1", "cloud-v2", "cloud-v1"), FlipPair("edge-v1", "edge-v2", "cloud-v1")),
+        mixed=MixedSpec("cloud-v1", "cloud-v2", ("cloud-v2", "edge-v2", "edge-v1")),
+        matrix=(("edge-v1", "cloud-v2"),),
+    )
+
+
+def evaluate_recipe(models: tuple[str, ...], data_root: Path | None, paths: Paths,
+                    train_missing: bool = False) -> dict[str, Path]:
+    """Embed the benchmark with every model (training missing ones if asked) and write the report."""
+    bench = load_benchmark(data_root)
+    if train_missing:
+        for model_id in models:
+            train_model(model_id, bench, paths)
+    embedded = {model_id: embed_model(model_id, bench, paths) for model_id in models}
+    entries = [ModelEmbeddings(m, e.config.role, e.config.version, e.queries, e.gallery, e.config.group)
+               for m, e in embedded.items()]
+    labels = Labels(bench.queries.labels, bench.gallery.labels, bench.is_old_class(bench.queries.labels))
+    report = build_report(entries, labels, recipe_protocol())
+    save_embeddings(embedded, paths.reports / "embeddings")
+    return write_report(report, paths.reports)
+
+
+def save_embeddings(embedded: dict[str, Embedded], folder: Path) -> None:
+    """Keep each model's benchmark embeddings (float16) for the search benchmarks and later checks."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for model_id, e in embedded.items():
+        arrays: dict[str, Any] = {"queries": e.queries.astype(np.float16)}
+        if e.gallery is not None:
+            arrays["gallery"] = e.gallery.astype(np.float16)
+        np.savez_compressed(folder / f"{model_id}.npz", **arrays)

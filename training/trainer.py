@@ -172,7 +172,7 @@ def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool
     state = {}
     for epoch in bar:
         encoder.head.train()
-        began, totals = time.perf_counter(), {}
+        began, totals = time.perf_counter(), dict[str, float]()
         order = torch.randperm(num_photos, generator=generator)
         for i in range(0, num_photos, config.batch_size):
             idx = order[i:i + config.batch_size]
