@@ -48,7 +48,7 @@ class TrainConfig:
     group: str = "main"
     space: str = "concord"
     dim: int = 256
-    hidden: int = 1024
+    hidden: int = 512
     dropout: float = 0.1
     scale: float = 16.0
     epochs: int = 30
