@@ -5,15 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import models
 from models.manifest import Manifest, ModelEntry
 
 DEVICE_VARIANTS = ("device-int8", "device-fp32")
 """Preferred order of the files a device runs; `server` (dynamic batch fp32) is the last resort."""
 
 
+SHIPPED_RELEASE = Path(models.__file__).resolve().parent / "release"
+"""The release shipped inside the package (the server's default too)."""
+
+
 def release_dir(path: str | Path | None) -> Path:
-    """The release folder: the argument, else $CONCORD_RELEASE, else ./release."""
-    return Path(path or os.environ.get("CONCORD_RELEASE") or "release")
+    """The release folder: the argument, else $CONCORD_RELEASE, else the shipped `models/release`."""
+    return Path(path or os.environ.get("CONCORD_RELEASE") or SHIPPED_RELEASE)
 
 
 def newest(manifest: Manifest, role: str) -> ModelEntry:

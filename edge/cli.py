@@ -15,7 +15,7 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 ReleaseOpt = Annotated[Path | None, typer.Option("--release", help="Release folder (default: $CONCORD_RELEASE, "
-                                                 "else ./release).")]
+                                                 "else the shipped models/release).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Edge model id (default: the newest edge model).")]
 
 
@@ -130,15 +130,16 @@ def query(
     try:
         encoded = encode_photos(release_dir(release), [photo], model)
         with SearchClient(server, api_key, timeout) as client:
-            hits = client.search_embedding(encoded.vectors[0], encoded.model_id, k)
+            found = client.search_embedding(encoded.vectors[0], encoded.model_id, k)
     except _user_errors() as err:
         _explain(err)
     if as_json:
         print(json.dumps({"model_id": encoded.model_id, "variant": encoded.variant,
-                          "hits": [vars(h) for h in hits]}, indent=2))
+                          "hits": [vars(h) for h in found.hits], "searched_models": found.searched_models,
+                          "skipped_models": found.skipped_models}, indent=2))
     else:
         print(f"encoded {photo} on this device with {encoded.model_id} ({encoded.variant})")
-        print(format_hits(hits))
+        print(format_hits(found))
 
 
 @app.command("device-bench")

@@ -60,6 +60,15 @@ def encode_photos(release_folder: str | Path, photos: Sequence[str | Path], mode
     return Encoded(entry.id, variant, [str(p) for p in photos], np.asarray(vectors, dtype=np.float32))
 
 
+@dataclass(frozen=True)
+class SearchResult:
+    """The server's answer: hits best first, and which gallery models it searched or skipped (and why)."""
+
+    hits: list[Hit]
+    searched_models: list[str] = field(default_factory=list)
+    skipped_models: dict[str, str] = field(default_factory=dict)
+
+
 class SearchClient:
     """A small HTTP client of the server's search-by-embedding endpoint (API key in `X-API-Key`)."""
 
@@ -79,7 +88,7 @@ class SearchClient:
     def close(self) -> None:
         self._http.close()
 
-    def search_embedding(self, vector: np.ndarray, model_id: str, k: int = 10) -> list[Hit]:
+    def search_embedding(self, vector: np.ndarray, model_id: str, k: int = 10) -> SearchResult:
         """Search the gallery with one embedding made by `model_id`; return the hits, best first."""
         vector = np.asarray(vector, dtype=np.float32)
         if vector.ndim != 1 or not np.all(np.isfinite(vector)):
@@ -87,9 +96,11 @@ class SearchClient:
         body = {"vector": [float(x) for x in vector], "model_id": model_id, "k": int(k)}
         answer = self._post(SEARCH_PATH, body)
         try:
-            return [Hit(id=int(h["id"]), score=float(h["score"]), model_id=str(h["model_id"]),
+            hits = [Hit(id=int(h["id"]), score=float(h["score"]), model_id=str(h["model_id"]),
                         metadata=dict(h.get("metadata") or {})) for h in answer["hits"]]
-        except (KeyError, TypeError, ValueError) as err:
+            return SearchResult(hits, [str(m) for m in answer.get("searched_models") or []],
+                                {str(m): str(why) for m, why in (answer.get("skipped_models") or {}).items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise SearchError(f"{self.base_url}{SEARCH_PATH}: the answer has no readable hits ({err!r})") from None
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -128,13 +139,14 @@ def _message(response: httpx.Response) -> str:
     return str(body)[:500]
 
 
-def format_hits(hits: list[Hit]) -> str:
-    """Hits as a plain-text table: rank, id, score, model id, metadata."""
-    if not hits:
-        return "no hits"
+def format_hits(result: SearchResult) -> str:
+    """Hits as a plain-text table (rank, id, score, model id, metadata), then the gallery models skipped."""
     import json
 
-    lines = [f"{'rank':>4}  {'id':>10}  {'score':>7}  {'model':<12} metadata"]
+    lines = [f"{'rank':>4}  {'id':>10}  {'score':>7}  {'model':<12} metadata"] if result.hits else ["no hits"]
     lines += [f"{i:>4}  {h.id:>10}  {h.score:>7.4f}  {h.model_id:<12} {json.dumps(h.metadata, sort_keys=True)}"
-              for i, h in enumerate(hits, 1)]
+              for i, h in enumerate(result.hits, 1)]
+    if result.searched_models:
+        lines.append(f"searched gallery vectors of: {', '.join(result.searched_models)}")
+    lines += [f"not searched: {model} ({why})" for model, why in result.skipped_models.items()]
     return "\n".join(lines)

@@ -60,8 +60,10 @@ def photos(sample_photos: dict[str, bytes], tmp_path: Path) -> list[Path]:
     return write_photos(sample_photos, tmp_path / "photos")
 
 
-HITS = {"hits": [{"id": 7, "score": 0.93, "model_id": "cloud-v1", "metadata": {"caption": "a cat"}},
-                 {"id": 3, "score": 0.41, "model_id": "cloud-v2", "metadata": {}}], "took_ms": 1.2}
+HITS = {"query_model": "edge-v2", "k": 5, "searched_models": ["cloud-v1", "cloud-v2"],
+        "skipped_models": {"cloud-x": "model 'cloud-x' is in another space"},
+        "hits": [{"id": 7, "score": 0.93, "model_id": "cloud-v1", "metadata": {"caption": "a cat"}},
+                 {"id": 3, "score": 0.41, "model_id": "cloud-v2", "metadata": {}}]}
 
 
 def test_query_sends_only_a_unit_embedding_made_on_the_device(
@@ -87,14 +89,15 @@ def test_query_sends_only_a_unit_embedding_made_on_the_device(
     photo_bytes = photos[1].read_bytes()
     assert len(request["raw"]) < len(photo_bytes) / 4 and photo_bytes[:64] not in request["raw"]
     assert "a cat" in out and "cloud-v1" in out and out.index(" 7 ") < out.index(" 3 ")
+    assert "not searched: cloud-x (model 'cloud-x' is in another space)" in out
 
 
 def test_search_client_returns_hits(fake_server: FakeServer) -> None:
     fake_server.answer = HITS
     with SearchClient(fake_server.url + "/") as client:
-        hits = client.search_embedding(np.full(4, 0.5, dtype=np.float32), "edge-v1", k=2)
-    assert [(h.id, h.model_id) for h in hits] == [(7, "cloud-v1"), (3, "cloud-v2")]
-    assert hits[0].metadata == {"caption": "a cat"}
+        found = client.search_embedding(np.full(4, 0.5, dtype=np.float32), "edge-v1", k=2)
+    assert [(h.id, h.model_id) for h in found.hits] == [(7, "cloud-v1"), (3, "cloud-v2")]
+    assert found.hits[0].metadata == {"caption": "a cat"} and found.searched_models == ["cloud-v1", "cloud-v2"]
     assert "X-API-Key" not in fake_server.requests[0]["headers"]  # no key given, none sent
 
 
