@@ -58,3 +58,52 @@ def benchmark(data: DataOpt = None, cache_dir: CacheOpt = Path("cache"), runs: R
 
     report = evaluate_recipe(RECIPE, data, Paths(cache_dir, runs, out), train_missing=True)
     typer.echo(report)
+
+
+@app.command()
+def export(
+    checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint files, or model ids (RUNS/<id>/checkpoint.pt).")],
+    out: Annotated[Path, typer.Option("--out", help="The release folder to write.")] = Path("release"),
+    report: Annotated[Path | None, typer.Option(help="Evaluation report (JSON with 'benchmark' and 'matrix'): the "
+                                                     "figures the manifest records and the gate judges.")] = None,
+    photos: Annotated[Path | None, typer.Option(help="A folder of real photos to check onnxruntime against torch "
+                                                     "(default: benchmark query photos).")] = None,
+    count: Annotated[int, typer.Option(help="How many photos the check uses.")] = 16,
+    data: DataOpt = None,
+    runs: RunsOpt = Path("runs"),
+    name: Annotated[str, typer.Option("--name", help="The release's name in its manifest.")] = "",
+    gate: Annotated[bool, typer.Option(help="Refuse models that fail the compatibility gate.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing release folder.")] = False,
+) -> None:
+    """Export checkpoints to a release folder: server and device ONNX files, verified, with manifest.json."""
+    from training.export import ExportError, export_release, load_report
+
+    paths = [Path(c) if c.endswith(".pt") or Path(c).is_file() else runs / c / "checkpoint.pt" for c in checkpoints]
+    try:
+        chosen = _export_photos(photos, data, count)
+        manifest = export_release(paths, out, chosen, load_report(report) if report else None, release=name,
+                                  require_gate=gate, overwrite=overwrite)
+    except (ExportError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"concord export: {err}", err=True)
+        raise typer.Exit(1) from None
+    for entry in manifest.models.values():
+        verdict = entry.card["gate"]
+        cosines = ", ".join(f"{k} {v:.6f}" for k, v in entry.card["export"]["worst_cosine"].items())
+        typer.echo(f"{entry.id}: {entry.file} (+{', '.join(entry.variants)}); worst cosine {cosines}; "
+                   f"gate {'passed' if verdict['passed'] else 'FAILED'}: {verdict['reason']}")
+    typer.echo(f"release written to {out}")
+
+
+def _export_photos(folder: Path | None, data: Path | None, count: int) -> list[Path]:
+    """`count` photos spread evenly over a folder, or over the benchmark's queries."""
+    if folder is not None:
+        found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+        if not found:
+            raise FileNotFoundError(f"{folder}: no photos (.jpg, .jpeg, .png, .webp) here")
+    else:
+        from training.data import load_benchmark
+
+        bench = load_benchmark(data)
+        found = [bench.image_dir / p for p in bench.queries.paths]
+    step = max(1, len(found) // max(count, 1))
+    return found[::step][:count]

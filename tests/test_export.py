@@ -1,0 +1,181 @@
+"""Export to a release: files pass the checker and reproduce torch; a differing module, a failing gate or a bad
+checkpoint stops the export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+import torch
+
+from models.cli import main
+from models.preprocess import load_image, preprocess_batch
+from models.release import Release
+from tests.export_helpers import DIM, report, small_encoder, train_config, write_checkpoint
+from training import export as export_module
+from training.export import ExportError, export_model, export_release, load_encoder, model_entry, verify_export
+
+FIGURES = {"cloud-v1": 0.80, "edge-v1": 0.79}
+
+
+@pytest.fixture(scope="module")
+def photos(sample_photos: dict[str, bytes]) -> list[bytes]:
+    return list(sample_photos.values())
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, photos: list[bytes]) -> list[Path]:
+    folder = tmp_path_factory.mktemp("runs")
+    return [write_checkpoint(folder / "cloud-v1.pt", small_encoder(64, 1, photos),
+                             train_config("cloud-v1", "cloud", 1, 64, [])),
+            write_checkpoint(folder / "edge-v1.pt", small_encoder(32, 2, photos),
+                             train_config("edge-v1", "edge", 1, 32, ["cloud-v1"]))]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory, checkpoints: list[Path], photos: list[bytes]) -> Path:
+    out = tmp_path_factory.mktemp("export") / "release"
+    export_release(checkpoints, out, photos[:4], report(FIGURES), release="test-release")
+    return out
+
+
+def test_the_release_holds_checked_server_and_device_files(exported: Path) -> None:
+    release = Release.load(exported)
+    assert release.manifest.release == "test-release" and sorted(release.manifest.models) == ["cloud-v1", "edge-v1"]
+    for model_id, resolution in (("cloud-v1", 64), ("edge-v1", 32)):
+        entry = release.manifest.model(model_id)
+        assert (entry.input, entry.output, entry.dim, entry.arch) == ("image", "embedding", DIM, "lite0")
+        assert (entry.preprocess.resize, entry.preprocess.crop) == (resolution, resolution)
+        for variant, batch in (("server", "batch"), ("device-fp32", 1)):
+            graph = onnx.load(str(release.path(model_id, variant)))
+            onnx.checker.check_model(graph, full_check=True)
+            dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
+            assert [i.name for i in graph.graph.input] == ["image"] and dims == [batch, 3, resolution, resolution]
+            assert [o.name for o in graph.graph.output] == ["embedding"]
+        assert entry.variants["device-fp32"].batch == 1
+        assert min(entry.card["export"]["worst_cosine"].values()) >= 0.9999
+    edge = release.manifest.model("edge-v1")
+    assert edge.parents == ("cloud-v1",) and edge.space == "test" and release.manifest.spaces["test"].dim == DIM
+    assert edge.metrics["matrix"]["edge-v1"]["cloud-v1"]["recall@1"] == pytest.approx(0.78)
+    assert edge.card["gate"]["passed"] and edge.card["gate"]["checks"][0]["name"].startswith("edge gap")
+
+
+@pytest.mark.parametrize("model_id, variant", [("cloud-v1", "server"), ("edge-v1", "device-fp32")])
+def test_the_runtime_reproduces_the_checkpoint_on_real_photos(exported: Path, checkpoints: list[Path],
+                                                              photos: list[bytes], model_id: str,
+                                                              variant: str) -> None:
+    encoder, config = load_encoder(next(c for c in checkpoints if c.stem == model_id))
+    release = Release.load(exported)
+    got = release.encoder(model_id, variant).encode_bytes(photos)
+    inputs = preprocess_batch([load_image(p) for p in photos], release.manifest.model(model_id).preprocess)
+    with torch.no_grad():
+        want = encoder(torch.from_numpy(inputs)).numpy()
+    assert config["model_id"] == model_id
+    assert (got * want).sum(axis=1).min() >= 0.9999
+    assert (got @ got.T).min() < 0.95  # the photos embed apart: the comparison is not trivially 1
+
+
+def test_a_module_that_differs_from_the_export_is_refused(exported: Path, checkpoints: list[Path],
+                                                          photos: list[bytes]) -> None:
+    release = Release.load(exported)
+    entry = release.manifest.model("cloud-v1")
+    inputs = preprocess_batch([load_image(p) for p in photos], entry.preprocess)
+    encoder, _ = load_encoder(checkpoints[0])
+    assert verify_export(encoder, release.path("cloud-v1"), entry, inputs) >= 0.9999
+    with torch.no_grad():
+        encoder.head.linear.weight.add_(0.5 * torch.randn_like(encoder.head.linear.weight))
+    refused = r"cloud-v1.onnx: onnxruntime does not reproduce torch: worst cosine -?\d\.\d+ \(photo #\d\)"
+    with pytest.raises(ExportError, match=refused):
+        verify_export(encoder, release.path("cloud-v1"), entry, inputs)
+
+
+def test_an_export_whose_graph_differs_stops_and_leaves_no_release(checkpoints: list[Path], photos: list[bytes],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real = export_module.to_onnx
+
+    def perturbed(module: torch.nn.Module, path: Path, resolution: int, batch: int | None = None) -> Path:
+        other = small_encoder(resolution, 99, photos[:3])
+        return real(other, path, resolution, batch)
+
+    monkeypatch.setattr(export_module, "to_onnx", perturbed)
+    with pytest.raises(ExportError, match="worst cosine"):
+        export_release(checkpoints[:1], tmp_path / "release", photos[:3])
+    assert not (tmp_path / "release").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_puts_the_module_in_eval_mode_and_leaves_its_statistics(tmp_path: Path, photos: list[bytes]) -> None:
+    encoder = small_encoder(32, 3, photos).train()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    config = train_config("edge-v9", "edge", 1, 32, [])
+    done = export_model(encoder, model_entry(config), tmp_path, [load_image(p) for p in photos[:3]])
+    assert min(done.cosines.values()) >= 0.9999 and not encoder.training
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+
+
+def test_a_model_failing_the_gate_stops_the_export(checkpoints: list[Path], photos: list[bytes],
+                                                   tmp_path: Path) -> None:
+    bad = report({"cloud-v1": 0.80, "edge-v1": 0.60})  # a cross-device gap of 0.2
+    with pytest.raises(ExportError, match=r"'edge-v1' fails the compatibility gate .* needs a backfill"):
+        export_release(checkpoints, tmp_path / "release", photos[:2], bad)
+    with pytest.raises(ExportError, match=r"missing figure: M\(edge-v1, cloud-v1\) recall@1"):
+        export_release(checkpoints, tmp_path / "release", photos[:2], None)
+    manifest = export_release(checkpoints, tmp_path / "release", photos[:2], bad, require_gate=False)
+    assert manifest.model("edge-v1").card["gate"]["passed"] is False
+    assert Release.load(tmp_path / "release").manifest.model("edge-v1").card["gate"]["passed"] is False
+    with pytest.raises(ExportError, match="already exists"):
+        export_release(checkpoints, tmp_path / "release", photos[:2], bad, require_gate=False)
+
+
+def test_a_release_missing_a_parent_is_refused(checkpoints: list[Path], photos: list[bytes], tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"invalid: model 'edge-v1': parent 'cloud-v1' is not in the release"):
+        export_release(checkpoints[1:], tmp_path / "release", photos[:2])
+
+
+def broken(folder: Path, photos: list[bytes], change: dict[str, Any], done: bool = True) -> Path:
+    config = {k: v for k, v in train_config("cloud-v1", "cloud", 1, 32, []).items() if change.get(k, 0) is not None}
+    config.update({k: v for k, v in change.items() if v is not None})
+    return write_checkpoint(folder / "broken.pt", small_encoder(32, 4, photos[:2]), config, done)
+
+
+@pytest.mark.parametrize("change, done, message", [
+    ({"space": None, "parents": None}, True, r"its config lacks \['parents', 'space'\]"),
+    ({}, False, r"training of 'cloud-v1' is unfinished \(epoch 1\)"),
+    ({"dim": 24}, True, r"the weights do not fit lite0 dim 24"),
+])
+def test_a_bad_checkpoint_is_named(tmp_path: Path, photos: list[bytes], change: dict[str, Any], done: bool,
+                                   message: str) -> None:
+    with pytest.raises(ExportError, match=message):
+        load_encoder(broken(tmp_path, photos, change, done))
+
+
+def test_an_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="no such checkpoint"):
+        load_encoder(tmp_path / "gone.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ExportError, match=r"junk\.pt: not a readable torch checkpoint"):
+        load_encoder(tmp_path / "junk.pt")
+
+
+def test_the_export_command(checkpoints: list[Path], sample_photos: dict[str, bytes], tmp_path: Path,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    photo_dir = tmp_path / "photos"
+    photo_dir.mkdir()
+    for name, data in list(sample_photos.items())[:3]:
+        (photo_dir / f"{name}.jpg").write_bytes(data)
+    (tmp_path / "report.json").write_text(json.dumps(report(FIGURES)))
+    args = ["export", str(checkpoints[0]), "--out", str(tmp_path / "release"), "--photos", str(photo_dir),
+            "--report", str(tmp_path / "report.json"), "--name", "cli"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out = capsys.readouterr().out
+    assert exit_info.value.code in (0, None), out
+    assert "cloud-v1: cloud-v1.onnx (+device-fp32); worst cosine server " in out
+    assert "gate passed" in out and Release.load(tmp_path / "release").manifest.release == "cli"
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 1 and "already exists" in capsys.readouterr().err
+
