@@ -16,7 +16,15 @@ from models.preprocess import load_image, preprocess_batch
 from models.release import Release
 from tests.export_helpers import DIM, report, small_encoder, train_config, write_checkpoint
 from training import export as export_module
-from training.export import ExportError, export_model, export_release, load_encoder, model_entry, verify_export
+from training.export import (
+    ExportError,
+    export_model,
+    export_release,
+    load_encoder,
+    model_entry,
+    report_metrics,
+    verify_export,
+)
 
 FIGURES = {"cloud-v1": 0.80, "edge-v1": 0.79}
 
@@ -179,3 +187,19 @@ def test_the_export_command(checkpoints: list[Path], sample_photos: dict[str, by
         main(args)
     assert exit_info.value.code == 1 and "already exists" in capsys.readouterr().err
 
+
+
+def test_report_figures_are_taken_from_either_report_form() -> None:
+    figures = {"cloud-v1": 0.80, "edge-v1": 0.79, "cloud-v2-independent": 0.9}
+    as_dict = report(figures)
+    rows = [{"query": q, "gallery": g, "overall": {**cell, "queries": 10}, "old": {"recall@1": 0.1}}
+            for q, row in as_dict["matrix"].items() for g, cell in row.items()]
+    ids = ["cloud-v1", "edge-v1"]
+    kept = report_metrics(as_dict, ids)
+    assert kept["benchmark"] == "test" and sorted(kept["matrix"]) == ids and sorted(kept["matrix"]["edge-v1"]) == ids
+    assert report_metrics({"benchmark": "test", "matrix": rows}, ids) == kept
+    assert report_metrics(None, ids) == {}
+    with pytest.raises(ExportError, match="no 'matrix'"):
+        report_metrics({"benchmark": "test"}, ids)
+    with pytest.raises(ExportError, match="rows lack 'overall'"):
+        report_metrics({"benchmark": "test", "matrix": [{"query": "cloud-v1", "gallery": "cloud-v1"}]}, ids)

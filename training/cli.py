@@ -64,8 +64,8 @@ def benchmark(data: DataOpt = None, cache_dir: CacheOpt = Path("cache"), runs: R
 def export(
     checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint files, or model ids (RUNS/<id>/checkpoint.pt).")],
     out: Annotated[Path, typer.Option("--out", help="The release folder to write.")] = Path("release"),
-    report: Annotated[Path | None, typer.Option(help="Evaluation report (JSON with 'benchmark' and 'matrix'): the "
-                                                     "figures the manifest records and the gate judges.")] = None,
+    report: Annotated[Path | None, typer.Option(help="The JSON report of `concord evaluate`: the figures the "
+                                                     "manifest records and the gate judges.")] = None,
     photos: Annotated[Path | None, typer.Option(help="A folder of real photos to check onnxruntime against torch "
                                                      "(default: benchmark query photos).")] = None,
     count: Annotated[int, typer.Option(help="How many photos the check uses.")] = 16,

@@ -159,10 +159,18 @@ def export_model(encoder: nn.Module, entry: ModelEntry, folder: Path, photos: Se
 
 
 def report_metrics(report: dict[str, Any] | None, model_ids: Sequence[str]) -> dict[str, Any]:
-    """The release's share of an evaluation report `{"benchmark", "matrix": {q: {g: figures}}}`: the pairs
-    whose query and gallery models are both in the release."""
+    """The release's share of an evaluation report: the pairs whose query and gallery models are both in the
+    release, in the manifest's form `{"benchmark", "matrix": {q: {g: figures}}}`. The report is either
+    `concord evaluate`'s (a list of matrix rows) or already in that form."""
     if not report:
         return {}
+    if isinstance(report.get("matrix"), list):
+        from training.evaluate import manifest_metrics
+
+        try:
+            report = manifest_metrics(report)
+        except (KeyError, TypeError) as err:
+            raise ExportError(f"the evaluation report's matrix rows lack {err}") from None
     matrix = report.get("matrix")
     if not isinstance(matrix, dict):
         raise ExportError("the evaluation report has no 'matrix' of figures M(query, gallery)")
