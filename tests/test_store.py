@@ -1,0 +1,576 @@
+"""Gallery store: catalogue, dedupe, deletes, filtered and paged search, recovery from stale/missing/corrupt
+snapshots and from SIGKILLed writers, and concurrent use."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.store import AddResult, GalleryStore, Hit, IndexSpec, NewPhoto
+from server.vector_index import SnapshotError, VectorIndex, read_snapshot
+
+DIM = 16
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ["flat", "hnsw:M=8,ef_search=64", "ivf:nlist=4,nprobe=4,train_min=40"]
+
+
+def vector_for(content_hash: str) -> np.ndarray:
+    """A unit vector fixed by a content hash (the crash writer and the checks compute the same one)."""
+    rng = np.random.default_rng(int(content_hash[:16], 16))
+    v = rng.standard_normal(16)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def photo(name: str, model: str = "cloud-v1", metadata: dict[str, Any] | None = None,
+          data: bool = True) -> NewPhoto:
+    raw = name.encode()
+    h = hashlib.sha256(raw).hexdigest()
+    return NewPhoto(h, vector_for(h), model, metadata if metadata is not None else {"name": name},
+                    raw if data else None)
+
+
+def unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(DIM)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def exact(store: GalleryStore, ids: list[int], query: np.ndarray, k: int) -> list[int]:
+    """Brute-force ranking over the stored vectors of `ids` (ties by id), the reference for search."""
+    matrix = np.stack([vector_for(store.get(i).content_hash) for i in ids])  # type: ignore[union-attr]
+    scores = dict(zip(ids, (matrix @ query).tolist(), strict=True))
+    return sorted(ids, key=lambda i: (-scores[i], i))[:k]
+
+
+def hit_ids(hits: list[Hit]) -> list[int]:
+    return [h.id for h in hits]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[GalleryStore]:
+    s = GalleryStore(tmp_path / "gallery", DIM)
+    yield s
+    s.close()
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+# ----- catalogue ---------------------------------------------------------------------------------------------
+
+def test_add_get_bytes_vector_counts(store: GalleryStore) -> None:
+    photos = [photo("a", "cloud-v1", {"album": "x"}), photo("b", "cloud-v2"), photo("c", "cloud-v2")]
+    results = store.add(photos)
+    assert [r.duplicate for r in results] == [False] * 3
+    assert [r.model_id for r in results] == ["cloud-v1", "cloud-v2", "cloud-v2"]
+    assert len({r.id for r in results}) == 3
+    record = store.get(results[0].id)
+    assert record is not None
+    assert (record.content_hash, record.model_id, record.metadata, record.has_bytes) == \
+        (photos[0].content_hash, "cloud-v1", {"album": "x"}, True)
+    assert abs(record.added_at - time.time()) < 60
+    assert store.find_by_hash(photos[1].content_hash.upper()) == store.get(results[1].id)
+    assert store.photo_bytes(results[2].id) == b"c"
+    blob = store.folder / "photos" / photos[2].content_hash[:2] / photos[2].content_hash[2:]
+    assert blob.read_bytes() == b"c"
+    np.testing.assert_array_equal(store.vector(results[1].id), photos[1].vector)  # type: ignore[arg-type]
+    assert store.counts() == {"cloud-v1": 1, "cloud-v2": 2}
+    assert len(store) == 3
+    assert store.sequence == 3
+    assert store.get(999) is None and store.find_by_hash("0" * 64) is None
+    assert store.photo_bytes(999) is None and store.vector(999) is None
+
+
+def test_duplicates_write_nothing(store: GalleryStore) -> None:
+    first = store.add([photo("a")])[0]
+    files, seq = files_under(store.folder / "photos"), store.sequence
+    again = store.add([photo("a", "cloud-v2", {"other": 1}), photo("b"), photo("b", "cloud-v2")])
+    assert again[0] == AddResult(first.id, "cloud-v1", True)
+    assert not again[1].duplicate and again[2].duplicate and again[2].id == again[1].id
+    assert again[2].model_id == "cloud-v1"
+    assert store.get(first.id).metadata == {"name": "a"}  # type: ignore[union-attr]
+    assert len(store) == 2 and store.sequence == seq + 1
+    assert len(files_under(store.folder / "photos")) == len(files) + 1
+
+
+def test_keep_bytes_false_stores_no_bytes(tmp_path: Path) -> None:
+    with GalleryStore(tmp_path / "g", DIM, keep_bytes=False) as store:
+        result = store.add([photo("a")])[0]
+        assert store.get(result.id).has_bytes is False  # type: ignore[union-attr]
+        assert store.photo_bytes(result.id) is None
+        assert files_under(tmp_path / "g" / "photos") == []
+        assert store.search(photo("a").vector, k=1)[0].id == result.id
+
+
+def test_photo_without_bytes(store: GalleryStore) -> None:
+    result = store.add([photo("a", data=False)])[0]
+    assert store.get(result.id).has_bytes is False  # type: ignore[union-attr]
+    assert store.photo_bytes(result.id) is None
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"vector": np.ones(DIM + 1, np.float32) / np.sqrt(DIM + 1)}, "17"),
+    ({"vector": np.full(DIM, np.nan, np.float32)}, "NaN"),
+    ({"vector": np.ones(DIM, np.float32)}, "L2 norm 4.0"),
+    ({"content_hash": "abc"}, "sha256 hex digest"),
+    ({"data": b"not these bytes"}, "bytes hash to"),
+    ({"metadata": {"when": {1, 2}}}, "JSON"),
+    ({"metadata": ["a"]}, "JSON object"),
+    ({"model_id": ""}, "model_id"),
+])
+def test_bad_photo_refuses_the_whole_batch(store: GalleryStore, change: dict[str, Any], message: str) -> None:
+    good = photo("good")
+    bad = NewPhoto(**{**photo("bad").__dict__, **change})
+    with pytest.raises(ValueError, match=message):
+        store.add([good, bad])
+    assert len(store) == 0 and store.sequence == 0
+    assert files_under(store.folder / "photos") == []
+
+
+def test_bad_queries(store: GalleryStore) -> None:
+    store.add([photo("a")])
+    with pytest.raises(ValueError, match="16-dim"):
+        store.search(np.ones(8, np.float32) / np.sqrt(8))
+    with pytest.raises(ValueError, match="NaN"):
+        store.search(np.full(DIM, np.nan))
+    with pytest.raises(ValueError, match="L2-normalised"):
+        store.search(np.ones(DIM))
+    with pytest.raises(ValueError, match="k must"):
+        store.search(unit(0), k=-1)
+    with pytest.raises(ValueError, match="compare with"):
+        store.search(unit(0), where={"a": [1]})
+    with pytest.raises(ValueError, match="added_after"):
+        store.search(unit(0), added_after=float("nan"))
+    assert store.search(unit(0), k=0) == []
+
+
+def test_delete_removes_row_vector_and_bytes(store: GalleryStore) -> None:
+    a, b = store.add([photo("a"), photo("b", "cloud-v2")])
+    blob = store.folder / "photos" / photo("a").content_hash[:2] / photo("a").content_hash[2:]
+    assert blob.exists()
+    seq = store.sequence
+    assert store.delete(a.id) is True
+    assert store.sequence == seq + 1
+    assert store.get(a.id) is None and store.vector(a.id) is None and store.photo_bytes(a.id) is None
+    assert not blob.exists()
+    assert a.id not in hit_ids(store.search(photo("a").vector, k=5))
+    assert store.counts() == {"cloud-v2": 1} and len(store) == 1
+    assert store.delete(a.id) is False and store.delete(12345) is False
+    again = store.add([photo("a")])[0]  # the same photo may come back, under a new id
+    assert not again.duplicate and again.id not in (a.id, b.id)
+    assert store.photo_bytes(again.id) == b"a"
+
+
+def test_settings_are_durable(tmp_path: Path) -> None:
+    with GalleryStore(tmp_path / "g", DIM) as store:
+        assert store.get_setting("active_cloud_model") is None
+        store.set_setting("active_cloud_model", "cloud-v1")
+        store.set_setting("active_cloud_model", "cloud-v2")
+    with GalleryStore(tmp_path / "g", DIM) as store:
+        assert store.get_setting("active_cloud_model") == "cloud-v2"
+
+
+def test_one_store_per_folder_and_dim_is_fixed(tmp_path: Path) -> None:
+    store = GalleryStore(tmp_path / "g", DIM)
+    with pytest.raises(RuntimeError, match="already open"):
+        GalleryStore(tmp_path / "g", DIM)
+    store.close()
+    store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        store.get(1)
+    with pytest.raises(ValueError, match="holds 16-dim vectors"):
+        GalleryStore(tmp_path / "g", 8)
+    GalleryStore(tmp_path / "g", DIM).close()  # the failed open released the folder
+
+
+def test_index_spec_parsing() -> None:
+    spec = IndexSpec("HNSW:M=16, ef_search=128")
+    assert (spec.kind, spec.get("M"), spec.get("ef_search"), spec.get("ef_construction")) == ("hnsw", 16, 128, 80)
+    assert IndexSpec("ivf", {"nlist": 8}).get("train_min") == 312
+    assert str(IndexSpec("ivf", {"nlist": 8})) == "ivf:nlist=8"
+    for bad, message in [("annoy", "unknown index kind"), ("flat:M=3", "no parameter M"),
+                         ("hnsw:M=x", "integer"), ("hnsw:M", "name=value"),
+                         ("ivf:nlist=8,train_min=4", "at least nlist")]:
+        with pytest.raises(ValueError, match=message):
+            IndexSpec(bad)
+
+
+# ----- search ------------------------------------------------------------------------------------------------
+
+def fill(store: GalleryStore, n: int, start: int = 0) -> list[int]:
+    """Add n photos (vectors and metadata; no bytes: writing those is tested apart, and fsyncs are slow)."""
+    photos = [photo(f"p{i}", "cloud-v1" if i % 3 else "cloud-v2",
+                    {"album": "odd" if i % 2 else "even", "n": i, "fav": i % 5 == 0}, data=False)
+              for i in range(start, start + n)]
+    return [r.id for r in store.add(photos)]
+
+
+def test_search_is_exact_and_pages(store: GalleryStore) -> None:
+    ids = fill(store, 200)
+    for seed in range(5):
+        query = unit(seed)
+        hits = store.search(query, k=10)
+        assert hit_ids(hits) == exact(store, ids, query, 10)
+        assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
+        assert hits[0].score == pytest.approx(float(np.dot(store.vector(hits[0].id), query)), abs=1e-5)  # type: ignore[arg-type]
+        pages = [store.search(query, k=7, offset=o) for o in (0, 7, 14)]
+        assert [i for page in pages for i in hit_ids(page)] == exact(store, ids, query, 21)
+    assert store.search(unit(0), k=5, offset=198) == store.search(unit(0), k=300)[198:]
+    assert len(store.search(unit(0), k=1000)) == 200
+    hit = store.search(photo("p4").vector, k=1)[0]
+    assert (hit.model_id, hit.metadata) == ("cloud-v1", {"album": "even", "n": 4, "fav": False})
+
+
+def test_filters_match_brute_force(tmp_path: Path) -> None:
+    now = [100.0]
+    with GalleryStore(tmp_path / "g", DIM, clock=lambda: now[0]) as store:
+        ids = []
+        for start in (0, 100, 200):
+            now[0] = 100.0 + start
+            ids += fill(store, 100, start)
+        meta = {i: store.get(i) for i in ids}
+        cases: list[tuple[dict[str, Any], Any]] = [
+            ({"models": ["cloud-v2"]}, lambda r: r.model_id == "cloud-v2"),
+            ({"models": {"cloud-v1", "cloud-v2"}}, lambda r: True),
+            ({"models": "cloud-v1"}, lambda r: r.model_id == "cloud-v1"),
+            ({"where": {"album": "odd"}}, lambda r: r.metadata["album"] == "odd"),
+            ({"where": {"album": "odd", "fav": True}}, lambda r: r.metadata["album"] == "odd" and r.metadata["fav"]),
+            ({"where": {"n": 17}}, lambda r: r.metadata["n"] == 17),
+            ({"added_after": 200.0}, lambda r: r.added_at >= 200),
+            ({"added_before": 200.0, "models": ["cloud-v1"]}, lambda r: r.added_at < 200 and r.model_id == "cloud-v1"),
+            ({"added_after": 150.0, "added_before": 250.0, "where": {"fav": False}},
+             lambda r: r.added_at == 200 and not r.metadata["fav"]),
+        ]
+        query = unit(7)
+        for kwargs, keep in cases:
+            wanted = [i for i in ids if keep(meta[i])]
+            for k, offset in [(10, 0), (5, 5)]:
+                got = store.search(query, k=k, offset=offset, **kwargs)
+                assert hit_ids(got) == exact(store, wanted, query, k + offset)[offset:], kwargs
+        assert store.search(query, models=["cloud-v9"]) == []
+        assert store.search(query, models=[]) == []
+        assert store.search(query, where={"album": "none"}) == []
+
+
+def test_where_equality_is_typed(store: GalleryStore) -> None:
+    values: dict[str, Any] = {"int": 1, "float": 1.0, "true": True, "text": "1", "null": None}
+    added = {name: store.add([photo(name, metadata={"x": v})])[0].id for name, v in values.items()}
+    added["missing"] = store.add([photo("missing", metadata={})])[0].id
+    query = unit(1)
+
+    def found(value: Any) -> set[int]:
+        return set(hit_ids(store.search(query, k=10, where={"x": value})))
+
+    assert found(1) == {added["int"], added["float"]}
+    assert found(1.0) == {added["int"], added["float"]}
+    assert found(True) == {added["true"]}
+    assert found(False) == set()
+    assert found("1") == {added["text"]}
+    assert found(None) == {added["null"], added["missing"]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_selective_filter_scan_agrees_with_faiss_path(tmp_path: Path, kind: str) -> None:
+    with GalleryStore(tmp_path / "g", DIM, IndexSpec(kind)) as store:
+        ids = fill(store, 300)
+        wanted = [i for i in ids if store.get(i).metadata["n"] % 50 == 7]  # type: ignore[union-attr]
+        query = unit(3)
+        store.scan_after = 1  # over-fetch little, then scan the matching rows exactly
+        scanned = store.search(query, k=10, where={"album": "odd", "fav": False}, models=["cloud-v1"])
+        only = [store.search(query, k=10, where={"n": n})[0].id for n in (7, 57, 107)]
+        store.scan_after = 10**9  # over-fetch until the index is exhausted
+        fetched = store.search(query, k=10, where={"album": "odd", "fav": False}, models=["cloud-v1"])
+        assert only == [i for i in wanted if store.get(i).metadata["n"] in (7, 57, 107)]  # type: ignore[union-attr]
+        if kind == "flat":
+            assert hit_ids(scanned) == hit_ids(fetched)
+        odd = [i for i in ids if (r := store.get(i)) and r.metadata["album"] == "odd" and not r.metadata["fav"]
+               and r.model_id == "cloud-v1"]
+        assert hit_ids(scanned) == exact(store, odd, query, 10)
+
+
+def test_hnsw_and_ivf_find_each_photo(tmp_path: Path) -> None:
+    for kind in KINDS[1:]:
+        with GalleryStore(tmp_path / kind.split(":")[0], DIM, IndexSpec(kind)) as store:
+            ids = fill(store, 120)
+            for i in ids[::10]:
+                assert store.search(store.vector(i), k=1)[0].id == i  # type: ignore[arg-type]
+
+
+def test_ivf_trains_once_it_has_enough_vectors(tmp_path: Path) -> None:
+    with GalleryStore(tmp_path / "g", DIM, IndexSpec("ivf:nlist=4,nprobe=4")) as store:
+        ids = fill(store, 100)
+        assert not store._index.trained  # below 39 x nlist: an exact staging index
+        ids += fill(store, 100, 100)
+        assert store._index.trained
+        query = unit(5)
+        assert hit_ids(store.search(query, k=10)) == exact(store, ids, query, 10)  # nprobe = nlist: exact
+        store.delete(ids[0])
+        assert store.index_ids() == store.catalogue_ids()
+
+
+# ----- restart and recovery ----------------------------------------------------------------------------------
+
+def searches(store: GalleryStore) -> list[list[tuple[int, float]]]:
+    return [[(h.id, round(h.score, 5)) for h in store.search(unit(s), k=8)] for s in range(6)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_restart_gives_the_same_results(tmp_path: Path, kind: str) -> None:
+    store = GalleryStore(tmp_path / "g", DIM, IndexSpec(kind))
+    ids = fill(store, 150)
+    for i in ids[::7]:
+        store.delete(i)
+    before = searches(store)
+    store.close()
+    with GalleryStore(tmp_path / "g", DIM, IndexSpec(kind)) as store:
+        assert store.recovery.index == "loaded"
+        assert searches(store) == before
+        assert store.index_ids() == store.catalogue_ids()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stale_snapshot_is_replayed(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "g"
+    store = GalleryStore(folder, DIM, IndexSpec(kind))
+    old = fill(store, 50)
+    store.save_index()
+    stale = (folder / "index.faiss").read_bytes()
+    new = fill(store, 30, 50)
+    for i in old[:4] + new[:2]:
+        store.delete(i)
+    before = searches(store)
+    store.close()
+    (folder / "index.faiss").write_bytes(stale)  # as if the process died right after that snapshot
+    with GalleryStore(folder, DIM, IndexSpec(kind)) as store:
+        assert store.recovery.index == "replayed"
+        assert store.recovery.replayed == 4 + 28  # deletes of snapshot photos + rows added since
+        assert store.index_ids() == store.catalogue_ids()
+        assert searches(store) == before
+        assert all(i not in store.index_ids() for i in old[:4] + new[:2])
+    with GalleryStore(folder, DIM, IndexSpec(kind)) as store:
+        assert store.recovery.index == "loaded"  # the replayed index was saved
+
+
+def corrupt_middle(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def store_id(folder: Path) -> str:
+    with sqlite3.connect(folder / "catalog.sqlite") as conn:
+        return str(conn.execute("SELECT value FROM meta WHERE key = 'store'").fetchone()[0])
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda p: p.unlink(), "no index snapshot"),
+    (corrupt_middle, "checksum"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-10]), "truncated"),
+    (lambda p: p.write_bytes(b"garbage"), "not a Concord index snapshot"),
+    (lambda p: VectorIndex(IndexSpec("flat"), 8).snapshot(0, store_id(p.parent)).write(p), "dim 8"),
+    (lambda p: VectorIndex(IndexSpec("flat"), DIM).snapshot(0, "another-store").write(p), "store"),
+    (lambda p: VectorIndex(IndexSpec("flat"), DIM).snapshot(10**6, store_id(p.parent)).write(p), "beyond"),
+])
+def test_unusable_snapshot_is_rebuilt(tmp_path: Path, damage: Any, reason: str) -> None:
+    folder = tmp_path / "g"
+    with GalleryStore(folder, DIM) as store:
+        ids = fill(store, 60)
+        store.delete(ids[0])
+        before = searches(store)
+    damage(folder / "index.faiss")
+    with GalleryStore(folder, DIM) as store:
+        assert store.recovery.index == "rebuilt"
+        assert reason in (store.recovery.reason or "")
+        assert searches(store) == before
+        assert store.index_ids() == store.catalogue_ids() == ids[1:]
+    read_snapshot(folder / "index.faiss", IndexSpec("flat"), DIM, store_id(folder))  # rewritten whole
+
+
+def test_changing_the_index_kind_rebuilds(tmp_path: Path) -> None:
+    with GalleryStore(tmp_path / "g", DIM) as store:
+        ids = fill(store, 60)
+    with GalleryStore(tmp_path / "g", DIM, IndexSpec("hnsw")) as store:
+        assert store.recovery.index == "rebuilt" and "kind" in (store.recovery.reason or "")
+        assert store.index_ids() == ids
+    with pytest.raises(SnapshotError, match="kind"):
+        read_snapshot(tmp_path / "g" / "index.faiss", IndexSpec("flat"), DIM, store_id(tmp_path / "g"))
+
+
+def test_hnsw_tombstones_survive_restart_and_get_compacted(tmp_path: Path) -> None:
+    spec = IndexSpec("hnsw:M=8")
+    with GalleryStore(tmp_path / "g", DIM, spec) as store:
+        ids = fill(store, 80)
+        for i in ids[:10]:
+            store.delete(i)
+        assert store._index.ntotal == 80 and store.index_ids() == ids[10:]
+    with GalleryStore(tmp_path / "g", DIM, spec) as store:
+        assert store.recovery.index == "loaded" and store.index_ids() == ids[10:]
+        for i in ids[10:30]:
+            store.delete(i)
+    with GalleryStore(tmp_path / "g", DIM, spec) as store:
+        assert store.recovery.index == "rebuilt" and "compacting" in (store.recovery.reason or "")
+        assert store._index.ntotal == 50 and store.index_ids() == ids[30:]
+
+
+def test_leftovers_of_a_crash_are_cleaned_at_open(tmp_path: Path) -> None:
+    folder = tmp_path / "g"
+    with GalleryStore(folder, DIM) as store:
+        kept = store.add([photo("kept")])[0]
+    orphan = hashlib.sha256(b"never committed").hexdigest()
+    (folder / "photos" / orphan[:2]).mkdir(exist_ok=True)
+    (folder / "photos" / orphan[:2] / orphan[2:]).write_bytes(b"never committed")
+    (folder / "photos" / orphan[:2] / (orphan[2:] + ".tmp")).write_bytes(b"half")
+    (folder / "index.faiss.tmp").write_bytes(b"half a snapshot")
+    with GalleryStore(folder, DIM) as store:
+        assert (store.recovery.tmp_removed, store.recovery.orphans_removed) == (2, 1)
+        assert store.photo_bytes(kept.id) == b"kept"
+    assert list(folder.rglob("*.tmp")) == []
+    assert [p.name for p in files_under(folder / "photos")] == [photo("kept").content_hash[2:]]
+
+
+# ----- concurrency -------------------------------------------------------------------------------------------
+
+def test_threads_add_and_search_at_once(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+    with GalleryStore(tmp_path / "g", DIM, IndexSpec("hnsw:M=8")) as store:
+        fill(store, 20, 10_000)
+
+        def work(worker: int) -> None:
+            try:
+                for batch in range(15):
+                    added = store.add([photo(f"t{worker}-{batch}-{j}", metadata={"w": worker}) for j in range(2)])
+                    assert store.search(photo(f"t{worker}-{batch}-0").vector, k=1)[0].id == added[0].id
+                    store.search(unit(batch), k=5, where={"w": worker})
+                    store.counts()
+                    if batch % 5 == 4:
+                        assert store.delete(added[1].id)
+                        store.save_index()
+            except BaseException as err:  # collected and re-raised by the test
+                errors.append(err)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(store) == 20 + 4 * 15 * 2 - 4 * 3
+        assert store.index_ids() == store.catalogue_ids()
+
+
+# ----- crash safety ------------------------------------------------------------------------------------------
+
+WRITER = """
+import hashlib, random, sys
+from pathlib import Path
+import numpy as np
+from server.store import GalleryStore, IndexSpec, NewPhoto
+{vector_for}
+folder, kind, round_, seed = sys.argv[1:]
+rng = random.Random(int(seed))
+store = GalleryStore(Path(folder), 16, IndexSpec(kind))
+out = sys.stdout
+out.write("READY\\n"); out.flush()
+live, n = [], 0
+while True:
+    batch = []
+    for _ in range(rng.randint(1, 4)):
+        data = f"{{round_}}-{{n}}".encode() * 4000; n += 1  # ~20 kB: a torn write would show
+        h = hashlib.sha256(data).hexdigest()
+        batch.append(NewPhoto(h, vector_for(h), "cloud-v1", {{"n": n}}, data))
+    results = store.add(batch)
+    out.write("".join(f"A {{r.id}} {{p.content_hash}}\\n" for p, r in zip(batch, results))); out.flush()
+    live += [r.id for r in results]
+    if live and rng.random() < 0.3:
+        victim = live.pop(rng.randrange(len(live)))
+        out.write(f"d {{victim}}\\n"); out.flush()
+        store.delete(victim)
+        out.write(f"D {{victim}}\\n"); out.flush()
+    if rng.random() < 0.15:
+        store.save_index()
+"""
+
+
+def check_files_whole(folder: Path, kind: str) -> None:
+    """After a kill: every file under its final name is complete (tmp files may remain until the next open)."""
+    for path in files_under(folder / "photos"):
+        if not path.name.endswith(".tmp"):
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.parent.name + path.name, path
+    snapshot = folder / "index.faiss"
+    if snapshot.exists():
+        read_snapshot(snapshot, IndexSpec(kind), DIM, store_id(folder))
+
+
+@pytest.mark.parametrize(("kind", "rounds"), [("flat", 5), ("hnsw:M=8", 3), ("ivf:nlist=4,train_min=60", 3)])
+def test_sigkilled_writer_loses_nothing_acknowledged(tmp_path: Path, kind: str, rounds: int) -> None:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(vector_for=textwrap.dedent(inspect.getsource(vector_for))))
+    folder = tmp_path / "g"
+    rng = random.Random(1234)
+    added: dict[int, str] = {}
+    deleting: set[int] = set()
+    deleted: set[int] = set()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for r in range(rounds):
+        log = tmp_path / f"round{r}.log"
+        with open(log, "w") as out:
+            args = [sys.executable, str(script), str(folder), kind, str(r), str(rng.randrange(10**6))]
+            child = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, cwd=ROOT, env=env)
+            deadline = time.monotonic() + 60
+            while "READY" not in log.read_text():
+                assert child.poll() is None, child.stderr.read().decode()  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "the writer did not start"
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.05, 0.5))
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            child.stderr.close()  # type: ignore[union-attr]
+        lines = [line.split() for line in log.read_text().splitlines(keepends=True) if line.endswith("\n")]
+        for fields in lines:
+            if fields[0] == "A":
+                added[int(fields[1])] = fields[2]
+            elif fields[0] == "d":
+                deleting.add(int(fields[1]))
+            elif fields[0] == "D":
+                deleted.add(int(fields[1]))
+        check_files_whole(folder, kind)
+    assert len(added) >= rounds, "the writers acknowledged too little for the test to mean anything"
+    with GalleryStore(folder, DIM, IndexSpec(kind)) as store:
+        for photo_id, content_hash in added.items():
+            record = store.get(photo_id)
+            if photo_id in deleted:
+                assert record is None, f"photo {photo_id}: its delete was acknowledged"
+            elif photo_id not in deleting:
+                assert record is not None, f"photo {photo_id}: its add was acknowledged, then lost"
+                assert record.content_hash == content_hash
+                np.testing.assert_array_equal(store.vector(photo_id), vector_for(content_hash))  # type: ignore[arg-type]
+                assert store.photo_bytes(photo_id) is not None
+        ids = store.catalogue_ids()
+        assert store.index_ids() == ids
+        assert set(added) - deleting <= set(ids)
+        for photo_id in ids:  # acknowledged or not: each row has its bytes and its vector, searchable
+            record = store.get(photo_id)
+            assert hashlib.sha256(store.photo_bytes(photo_id) or b"").hexdigest() == record.content_hash  # type: ignore[union-attr]
+            assert store.search(store.vector(photo_id), k=1)[0].id == photo_id  # type: ignore[arg-type]
+    assert list(folder.rglob("*.tmp")) == []
+
+
+def test_store_does_not_import_torch() -> None:
+    code = "import sys, server.store; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
