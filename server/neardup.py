@@ -1,0 +1,251 @@
+"""`concord neardup`: does a device find the ORIGINAL of a near-duplicate photo in the cloud gallery?
+
+Gallery: every Caltech-101 `test.txt` photo (BACKGROUND_Google included, about 3,049), encoded by the oldest
+cloud model of the release (cloud-v1) with its server file. Queries: for a fixed-seed sample of gallery photos,
+a near-duplicate (cropped to >= 80% of each side, resized 0.5-0.9x, re-encoded as JPEG at quality 50-70),
+encoded on the device side by each query model (edge models with their device file). A query scores at k when
+its original (or a byte-identical copy of it) is among the k nearest gallery photos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from models.manifest import Manifest, ModelEntry
+
+STEM = "neardup"
+DEFAULT_OUT = Path("reports/neardup")
+DEFAULT_CACHE = Path("cache/neardup")
+TARGET = 0.95
+"""Recall@1 the newest edge model must reach against the gallery model."""
+KS = (1, 5)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """How a near-duplicate is made: crop (keeping >= `keep` of each side), resize, JPEG re-encode."""
+
+    keep: float = 0.8
+    scale: tuple[float, float] = (0.5, 0.9)
+    quality: tuple[int, int] = (50, 70)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"keep must be in (0, 1], got {self.keep}")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be 0 < low <= high, got {self.scale}")
+        if not 1 <= self.quality[0] <= self.quality[1] <= 100:
+            raise ValueError(f"quality must be 1 <= low <= high <= 100, got {self.quality}")
+
+    def describe(self) -> str:
+        return (f"crop keeping {self.keep:.0%}-100% of each side (centre or random offset), resize "
+                f"{self.scale[0]:g}-{self.scale[1]:g}x (bicubic), JPEG quality {self.quality[0]}-{self.quality[1]}")
+
+
+def near_duplicate(image: Image.Image, rng: np.random.Generator, transform: Transform = Transform()
+                   ) -> tuple[bytes, dict[str, Any]]:
+    """A cropped, resized, JPEG re-encoded copy of `image` (RGB), and the parameters drawn for it."""
+    width, height = image.size
+    keep_w, keep_h = (float(rng.uniform(transform.keep, 1.0)) for _ in range(2))
+    crop_w, crop_h = max(1, round(width * keep_w)), max(1, round(height * keep_h))
+    centre = bool(rng.random() < 0.5)
+    if centre:
+        left, top = (width - crop_w) // 2, (height - crop_h) // 2
+    else:
+        left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+    scale = float(rng.uniform(*transform.scale))
+    size = (max(1, round(crop_w * scale)), max(1, round(crop_h * scale)))
+    quality = int(rng.integers(transform.quality[0], transform.quality[1] + 1))
+    params = {"crop": [left, top, crop_w, crop_h], "crop_mode": "centre" if centre else "offset",
+              "kept": [round(keep_w, 4), round(keep_h, 4)], "scale": round(scale, 4), "quality": quality,
+              "size": list(size)}
+    return recompress(image, (left, top, left + crop_w, top + crop_h), size, quality), params
+
+
+def recompress(image: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int], quality: int) -> bytes:
+    """JPEG bytes of `image` cropped to `box` (left, top, right, bottom) and resized to `size` (bicubic)."""
+    small = image.crop(box).resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    small.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The release's models in order: oldest and newest cloud, oldest and newest edge."""
+
+    old_cloud: str
+    new_cloud: str
+    old_edge: str
+    new_edge: str
+
+
+def chain(manifest: Manifest) -> Chain:
+    """Oldest/newest cloud and edge models by version (a release must hold at least one of each)."""
+    found = {}
+    for role in ("cloud", "edge"):
+        entries = sorted((e for e in manifest.models.values() if e.role == role), key=lambda e: (e.version, e.id))
+        if not entries:
+            raise ValueError(f"the release holds no {role} model; it holds {sorted(manifest.models)}")
+        found[role] = entries
+    return Chain(found["cloud"][0].id, found["cloud"][-1].id, found["edge"][0].id, found["edge"][-1].id)
+
+
+def query_variant(entry: ModelEntry) -> str:
+    """The file a query model runs: an edge model its device file (int8 if shipped), a cloud model its server file."""
+    from edge.choice import device_variant
+
+    return device_variant(entry) if entry.role == "edge" else "server"
+
+
+def list_split(data: Path, name: str, background: bool) -> tuple[Path, list[str]]:
+    """Photo folder and the relative paths of Caltech-101's `name` list (train.txt / test.txt)."""
+    from edge.accuracy import BACKGROUND
+
+    folder = data / "101_ObjectCategories"
+    listing = data / name
+    if not listing.is_file() or not folder.is_dir():
+        raise FileNotFoundError(f"Caltech-101 not found at {data} (expected {listing} and {folder}); pass --data "
+                                f"or set CONCORD_DATA")
+    lines = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    return folder, [p for p in lines if background or not p.startswith(BACKGROUND + "/")]
+
+
+@dataclass(frozen=True)
+class NeardupConfig:
+    """What `concord neardup` measures and where it reads and writes."""
+
+    release: Path
+    data: Path
+    out: Path = DEFAULT_OUT
+    cache: Path = DEFAULT_CACHE
+    queries: int = 500
+    seed: int = 0
+    transform: Transform = field(default_factory=Transform)
+    gallery_model: str | None = None
+    """Default: the oldest cloud model."""
+    threads: int | None = None
+
+
+def file_hashes(paths: list[Path]) -> list[str]:
+    """sha256 of every file (a byte-identical copy of the original counts as the original)."""
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+def scores(queries: np.ndarray, gallery: np.ndarray, originals: np.ndarray, twins: list[set[int]]
+           ) -> dict[str, Any]:
+    """Recall@1/@5 (the original or a byte twin among the k nearest), the rank of the original, cosine to it."""
+    sims = queries @ gallery.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :max(KS)]
+    found = {k: np.array([bool(set(order[i, :k].tolist()) & twins[i]) for i in range(len(queries))]) for k in KS}
+    own = sims[np.arange(len(queries)), originals]
+    rank = (sims > own[:, None]).sum(axis=1) + 1
+    return {**{f"recall@{k}": float(found[k].mean()) for k in KS},
+            "misses@1": int((~found[1]).sum()), "median_rank": float(np.median(rank)),
+            "mean_cosine_to_original": float(own.mean()), "min_cosine_to_original": float(own.min()),
+            "top1": order[:, 0].tolist(), "hit@1": found[1].tolist()}
+
+
+def run_neardup(config: NeardupConfig) -> dict[str, Any]:
+    """Encode the gallery (cached), make and encode the near-duplicates, score every query model, write reports."""
+    from edge import report
+    from edge.accuracy import cached, encode_paths
+    from models.preprocess import load_image
+    from models.release import Release
+
+    release = Release.load(config.release)
+    manifest = release.manifest
+    order = chain(manifest)
+    gallery_id = config.gallery_model or order.old_cloud
+    gallery_entry = manifest.model(gallery_id)
+    folder, names = list_split(config.data, "test.txt", background=True)
+    paths = [folder / n for n in names]
+    if config.queries > len(paths):
+        raise ValueError(f"{config.queries} queries asked for, but the gallery holds only {len(paths)} photos")
+    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    gallery_encoder = release.encoder(gallery_id, "server", threads=config.threads)
+    gallery = cached(config.cache, f"gallery-{gallery_id}-{gallery_entry.sha256[:16]}-{digest}",
+                     lambda: encode_paths([gallery_encoder], paths, f"gallery ({gallery_id}, {len(paths)} photos)")[0])
+    hashes = file_hashes(paths)
+    by_hash: dict[str, set[int]] = {}
+    for i, h in enumerate(hashes):
+        by_hash.setdefault(h, set()).add(i)
+    rng = np.random.default_rng(config.seed)
+    picks = np.sort(rng.choice(len(paths), size=config.queries, replace=False))
+    made = [near_duplicate(load_image(paths[i]), rng, config.transform) for i in picks]
+    images = [load_image(data) for data, _ in made]
+    query_ids = [m for m in dict.fromkeys((order.new_edge, order.old_edge, order.new_cloud, gallery_id))]
+    twins = [by_hash[hashes[i]] for i in picks]
+    rows = []
+    for model_id in query_ids:
+        variant = query_variant(manifest.model(model_id))
+        print(f"  encoding {len(images)} near-duplicates with {model_id} ({variant})", flush=True)
+        vectors = release.encoder(model_id, variant, threads=config.threads).encode_images(images)
+        found = scores(np.asarray(vectors, dtype=np.float32), gallery, picks, twins)
+        rows.append({"query_model": model_id, "variant": variant, "gallery_model": gallery_id, **found})
+    headline = rows[0]
+    result: dict[str, Any] = {
+        **report.header(), "release": str(release.folder), "release_name": manifest.release,
+        "protocol": {"gallery": len(paths), "gallery_source": f"{config.data}/test.txt (BACKGROUND_Google included)",
+                     "gallery_model": gallery_id, "queries": config.queries, "seed": config.seed,
+                     "transform": {**asdict(config.transform), "description": config.transform.describe()},
+                     "byte_identical_originals": sum(len(t) > 1 for t in twins),
+                     "hit": "the original (or a byte-identical copy) is among the k nearest gallery photos"},
+        "results": [{k: v for k, v in row.items() if k not in ("top1", "hit@1")} for row in rows],
+        "target": {"query_model": headline["query_model"], "gallery_model": gallery_id, "metric": "recall@1",
+                   "threshold": TARGET, "measured": headline["recall@1"],
+                   "passed": headline["recall@1"] >= TARGET},
+        "queries": [{"photo": names[i], **params, **{r["query_model"]: {"top1": names[r["top1"][j]],
+                                                                        "hit": r["hit@1"][j]} for r in rows}}
+                    for j, (i, (_, params)) in enumerate(zip(picks, made, strict=True))],
+    }
+    result["written"] = [str(p) for p in report.write(config.out, STEM, result, markdown(result))]
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The near-duplicate report as markdown."""
+    from edge import report
+
+    p, t = result["protocol"], result["target"]
+    rows = [[r["query_model"], r["variant"], r["gallery_model"], f"{r['recall@1']:.4f}", f"{r['recall@5']:.4f}",
+             str(r["misses@1"]), f"{r['median_rank']:g}", f"{r['mean_cosine_to_original']:.3f}"]
+            for r in result["results"]]
+    verdict = "PASS" if t["passed"] else "FAIL"
+    return (f"# Near-duplicate search: does the device find the original?\n\n"
+            f"Gallery: {p['gallery']} photos ({p['gallery_source']}) encoded by `{p['gallery_model']}`. "
+            f"Queries: {p['queries']} gallery photos (seed {p['seed']}), each turned into a near-duplicate: "
+            f"{p['transform']['description']}; then encoded by the query model. A hit: {p['hit']}.\n\n"
+            + report.table(["query model", "file", "gallery model", "Recall@1", "Recall@5", "misses@1",
+                            "median rank", "mean cosine to original"], rows)
+            + f"\nTarget: Recall@1 of `{t['query_model']}` -> `{t['gallery_model']}` >= {t['threshold']}: "
+            f"measured {t['measured']:.4f}, **{verdict}**.\n\n"
+            f"The per-query parameters and top hits are in `{STEM}.json`.\n\n" + report.context_markdown(result))
+
+
+def main(release: Path | None, data: Path | None, out: Path, cache: Path, queries: int, seed: int,
+         gallery_model: str | None, threads: int | None) -> int:
+    """`concord neardup`: 0 when the newest edge model reaches the Recall@1 target, 1 otherwise."""
+    import os
+
+    from edge.accuracy import DEFAULT_DATA
+    from server.settings import Settings
+
+    config = NeardupConfig(release=release or Settings.from_env().release,
+                           data=data or Path(os.environ.get("CONCORD_DATA") or DEFAULT_DATA), out=out, cache=cache,
+                           queries=queries, seed=seed, gallery_model=gallery_model, threads=threads)
+    result = run_neardup(config)
+    for row in result["results"]:
+        print(f"{row['query_model']} ({row['variant']}) -> {row['gallery_model']}: Recall@1 {row['recall@1']:.4f}, "
+              f"Recall@5 {row['recall@5']:.4f}")
+    target = result["target"]
+    print(f"target Recall@1 >= {target['threshold']}: {'PASS' if target['passed'] else 'FAIL'}; wrote "
+          f"{', '.join(result['written'])}")
+    return 0 if target["passed"] else 1
