@@ -1,0 +1,151 @@
+"""Encoding benchmark: cloud photos/s at batch 16 (decoding included), edge batch-1 latency, API ingest.
+
+The cloud figure is the ingest bound: a server can index no faster than its encoder turns photo bytes into
+vectors. Each batch of real photos runs through every cloud model in turn (rotating order), once from the
+bytes (decode + resize + crop + encode) and once from ready tensors (the encoder alone). Edge batch-1
+latency comes from the device benchmark (`edge.bench`) on the same release.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.bench_report import interleave, latency_ms
+
+DEFAULT_PHOTO_ROOT = Path("../shared/datasets/caltech101")
+
+
+def default_photos() -> Path:
+    """Caltech-101's photo folder: $CONCORD_DATA/101_ObjectCategories, else under ../shared/datasets."""
+    return Path(os.environ.get("CONCORD_DATA") or DEFAULT_PHOTO_ROOT) / "101_ObjectCategories"
+
+
+def load_photos(source: str | Path, count: int) -> list[tuple[str, bytes]]:
+    """`count` photos spread evenly over a folder (recursively) or a list file, as (name, bytes)."""
+    from edge.photos import list_photos
+
+    return [(str(path), path.read_bytes()) for path in list_photos(source, count)]
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """How many photos, the batch size, and the edge timing rounds."""
+
+    photos: int = 320
+    batch: int = 16
+    threads: int | None = None
+    """onnxruntime threads of the cloud encoders (None: one per core, as the server runs them)."""
+    edge_rounds: int = 200
+    edge_warmup: int = 20
+
+
+def batches(items: list[Any], size: int) -> list[list[Any]]:
+    """Consecutive full batches of `size` (a short tail is dropped so every timing covers `size` items)."""
+    return [items[i:i + size] for i in range(0, len(items) - size + 1, size)]
+
+
+def _by_index(call: Callable[[Any], Any], items: Sequence[Any], i: int) -> Any:
+    return call(items[i])
+
+
+def cloud_throughput(release: Any, photos: list[bytes], config: EncodeConfig) -> list[dict[str, Any]]:
+    """Photos/s of every cloud model at batch `config.batch`: from bytes (with decoding) and from tensors."""
+    from models.preprocess import load_image, preprocess
+
+    clouds = sorted((e for e in release.manifest.models.values() if e.role == "cloud"), key=lambda e: e.version)
+    groups = batches(photos, config.batch)
+    if not groups:
+        raise ValueError(f"need at least {config.batch} photos for batches of {config.batch}, got {len(photos)}")
+    calls: dict[str, Callable[[int], Any]] = {}
+    for entry in clouds:
+        encoder = release.encoder(entry.id, "server", threads=config.threads)
+        encoder.encode_bytes(groups[0])  # warm-up
+        tensors = [np.stack([preprocess(load_image(b), entry.preprocess) for b in group]) for group in groups]
+        calls[f"{entry.id} bytes"] = partial(_by_index, encoder.encode_bytes, groups)
+        calls[f"{entry.id} tensors"] = partial(_by_index, encoder.encode_arrays, tensors)
+    times = interleave(calls, len(groups))
+    rows = []
+    for entry in clouds:
+        by_bytes, by_tensors = times[f"{entry.id} bytes"], times[f"{entry.id} tensors"]
+        rows.append({"model_id": entry.id, "arch": entry.arch, "crop": entry.preprocess.crop,
+                     "batch": config.batch, "batches": len(groups),
+                     "photos_per_s_with_decoding": config.batch * len(by_bytes) * 1e9 / sum(by_bytes),
+                     "photos_per_s_encoder_only": config.batch * len(by_tensors) * 1e9 / sum(by_tensors),
+                     "batch_ms_with_decoding": latency_ms(by_bytes), "batch_ms_encoder_only": latency_ms(by_tensors)})
+    return rows
+
+
+def edge_latency(release_folder: Path, photo: Path, config: EncodeConfig) -> dict[str, Any]:
+    """Batch-1, one-thread latency of the newest edge model (device fp32 and int8 files) and its cloud model."""
+    from edge.bench import BenchConfig, run_bench
+
+    found = run_bench(release_folder, photo, BenchConfig(config.edge_rounds, config.edge_warmup, threads=1),
+                      out_dir=None)
+    return {"photo": str(photo), "rounds": config.edge_rounds, "threads": 1,
+            "models": [{"name": r["name"], "model_id": r["model_id"], "variant": r["variant"],
+                        "precision": r["precision"], "size_bytes": r["size_bytes"],
+                        "latency_ms": r["latency_ms"], "preprocess_ms": r["preprocess_ms"]}
+                       for r in found["models"]],
+            "ratios": found["ratios"]}
+
+
+def run_encode(release_folder: Path, photos: list[tuple[str, bytes]], config: EncodeConfig) -> dict[str, Any]:
+    """Cloud throughput and edge latency on one release and one photo sample."""
+    from models.release import Release
+
+    release = Release.load(release_folder, verify=True)
+    start = time.perf_counter()
+    data = [b for _, b in photos]
+    result: dict[str, Any] = {"release": str(release_folder), "photos": len(photos), "config": asdict(config)}
+    result["cloud"] = cloud_throughput(release, data, config)
+    result["edge"] = edge_latency(release_folder, Path(photos[0][0]), config)
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def api_ingest(release_folder: Path, photos: list[tuple[str, bytes]], config: EncodeConfig, data_dir: Path,
+               log: Path) -> dict[str, Any]:
+    """Photos/s of `POST /v1/photos` (batches, a fresh store) against the bare encoder on the same batches, interleaved.
+
+    The bare side is what the server's encoding amounts to: decode, preprocess and encode the batch with the
+    active cloud model's server file (onnxruntime on the same threads); the API adds HTTP, checks, hashing,
+    the SQLite commit and the FAISS add.
+    """
+    import shutil
+
+    from models.release import Release
+    from server.bench_api import Server
+
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    warm, *groups = batches(photos, config.batch)
+    if not groups:
+        raise ValueError(f"need at least {2 * config.batch} photos: one batch warms up, the others are timed")
+    with Server(release_folder, data_dir, log, threads=config.threads) as server:
+        model_id = server.get("/v1/models")["active_model"]
+        encoder = Release.load(release_folder).encoder(model_id, "server", threads=config.threads)
+        encoder.encode_bytes([b for _, b in warm])  # warm-up batch, both sides, not timed
+        server.add_photos(warm)
+        added = 0
+
+        def api(i: int) -> None:
+            nonlocal added
+            added += int(server.add_photos(groups[i])["added"])
+
+        datas = [[b for _, b in group] for group in groups]
+        times = interleave({"api": api, "bare": partial(_by_index, encoder.encode_bytes, datas)}, len(groups))
+        stats = server.get("/v1/stats")
+    rates = {name: config.batch * len(values) * 1e9 / sum(values) for name, values in times.items()}
+    return {"model_id": model_id, "batch": config.batch, "batches": len(groups), "photos_added": added,
+            "photos_in_store": stats.get("vectors_total"), "photos_per_s_api": rates["api"],
+            "photos_per_s_bare_encoder": rates["bare"], "ratio_api_over_bare": rates["api"] / rates["bare"],
+            "batch_ms": {name: latency_ms(values) for name, values in times.items()},
+            "server_start_s": server.start_s}
