@@ -1,0 +1,92 @@
+"""The Concord photo-search server: `create_app(settings)` builds the FastAPI app.
+
+Its lifespan opens the release (sha256-verified) and the gallery store, and closes the store (saving the
+FAISS index) at shutdown. Routes live in `server.api`; the blocking work in `server.service`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from server.api import router
+from server.metrics import Metrics, RequestMetrics
+from server.security import AuthError, BodyLimit
+from server.service import Service, ServiceError
+from server.settings import Settings
+
+log = logging.getLogger("concord.server")
+DESCRIPTION = """Photo search whose models never force a re-index.
+
+A cloud encoder indexes photos; phones search with embeddings from a small edge encoder of the same space.
+Upgrading the cloud model (`POST /v1/models/upgrade`) re-encodes nothing: old vectors stay searchable beside
+the new model's. Writes need the API key (`X-API-Key`) when one is configured.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the release and the store open when it starts (lifespan), not here."""
+    settings = settings or Settings.from_env()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await run_in_threadpool(Service.open, settings, metrics)
+        log.info("serving release %s (active model %s) with the store in %s", settings.release,
+                 service.active_model, settings.data_dir)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            app.state.service = None
+            await run_in_threadpool(service.close)
+
+    app = FastAPI(title="Concord", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    app.include_router(router)
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it counts 413s too
+    _add_handlers(app)
+    _add_probes(app, metrics)
+    return app
+
+
+def _add_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message, **exc.extra}, status_code=exc.status)
+
+    @app.exception_handler(AuthError)
+    async def auth_error(request: Request, exc: AuthError) -> JSONResponse:
+        headers = {"WWW-Authenticate": 'ApiKey header="X-API-Key"'} if exc.status == 401 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+
+
+def _add_probes(app: FastAPI, metrics: Metrics) -> None:
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"description": "Release or store not open yet."}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: the release and the store are open."""
+        service: Service | None = request.app.state.service
+        if service is None:
+            return JSONResponse({"status": "starting", "detail": "release and store are not open"}, status_code=503)
+        return JSONResponse({"status": "ready", "release": service.manifest.release,
+                             "active_model": service.active_model})
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def prometheus() -> Response:
+        """Prometheus metrics: request counts and latency by route, photos indexed, searches, encode time."""
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")

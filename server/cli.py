@@ -1,0 +1,153 @@
+"""`concord serve | index`: the server's commands.
+
+Heavy imports (FastAPI, onnxruntime, FAISS) happen inside the commands; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `concord: message` on stderr and exit with `code`."""
+    print(f"concord: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the release "
+                                                 "shipped in the package]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Store folder [env CONCORD_DATA_DIR; default ./concord-data]")]
+    = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind [env CONCORD_HOST; default 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env CONCORD_PORT; default 8000]")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for writes [env CONCORD_API_KEY]; prefer the env "
+                                                "variable, a command line is visible to other users")] = None,
+    auth_reads: Annotated[bool | None, typer.Option("--auth-reads/--open-reads", help="Require the key for reads "
+                                                    "too [env CONCORD_AUTH_READS]")] = None,
+    model: Annotated[str | None, typer.Option(help="Cloud model that indexes a NEW store [env CONCORD_MODEL; "
+                                              "default: the newest cloud model]")] = None,
+    max_request_bytes: Annotated[int | None, typer.Option(help="Largest request body [env "
+                                                          "CONCORD_MAX_REQUEST_BYTES]")] = None,
+    keep_bytes: Annotated[bool | None, typer.Option("--keep-bytes/--no-keep-bytes", help="Keep photo bytes for "
+                                                    "later backfills [env CONCORD_KEEP_BYTES]")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads per encoder [env CONCORD_THREADS]")]
+    = None,
+    log_level: Annotated[str | None, typer.Option(help="uvicorn log level [env CONCORD_LOG_LEVEL]")] = None,
+) -> None:
+    """Start the photo-search server (FastAPI + uvicorn) with a release and the embedded gallery store."""
+    import uvicorn
+
+    from models.manifest import ManifestError
+    from models.release import ReleaseError
+    from server.app import create_app
+    from server.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env(release=release, data_dir=data_dir, host=host, port=port, api_key=api_key,
+                                     auth_reads=auth_reads, model=model, max_request_bytes=max_request_bytes,
+                                     keep_bytes=keep_bytes, threads=threads, log_level=log_level)
+    except SettingsError as err:
+        fail(str(err))
+    if not (Path(settings.release) / "manifest.json").is_file():
+        fail(f"no release at {settings.release} (no manifest.json): pass --release or set CONCORD_RELEASE")
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"concord: warning: serving on {settings.host} with no API key: anyone who reaches it can write",
+              file=sys.stderr)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                    timeout_graceful_shutdown=10)
+    except (ManifestError, ReleaseError, ValueError) as err:
+        fail(str(err))
+
+
+@app.command()
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder of photos (jpg, jpeg, png, webp, bmp, gif, tif), walked "
+                                           "recursively.")],
+    server: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(help="API key [env CONCORD_API_KEY]", envvar="CONCORD_API_KEY")]
+    = None,
+    batch: Annotated[int, typer.Option(help="Photos per upload request.")] = 16,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Send a folder of photos to a server in batches; what the server has already (same sha256) is skipped, so
+    an interrupted run resumes where it stopped."""
+    from server.indexer import Indexer, IndexingError
+
+    try:
+        indexer = Indexer(server, api_key, batch)
+        try:
+            report = indexer.run(folder, progress=progress)
+        finally:
+            indexer.close()
+    except IndexingError as err:
+        fail(str(err))
+    for path, why in report.failed:
+        print(f"concord: failed: {path}: {why}", file=sys.stderr)
+    print(report.summary())
+    if report.failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def demo(
+    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
+                                                 "release]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="An empty folder for the demo's store, kept afterwards "
+                                                  "[default: a temporary folder, removed at the end]")] = None,
+    photos: Annotated[Path | None, typer.Option(help="A folder of your own photos [default: scikit-image's bundled "
+                                                "photos]")] = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads per encoder")] = None,
+) -> None:
+    """Index photos, search from the edge model, upgrade the cloud model with no re-indexing, search again."""
+    from server.demo import main
+
+    raise typer.Exit(main(release, data_dir, photos, threads))
+
+
+@app.command("verify-release")
+def verify_release(
+    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
+                                                 "release]")] = None,
+    data: Annotated[Path | None, typer.Option(help="Caltech-101 folder [env CONCORD_DATA; default "
+                                              "../shared/datasets/caltech101]")] = None,
+    work: Annotated[Path, typer.Option(help="Stores and query embeddings, kept so a rerun resumes")]
+    = Path("cache/verify-release"),
+    out: Annotated[Path, typer.Option(help="Report folder")] = Path("reports/release"),
+    tolerance: Annotated[float, typer.Option(help="Largest |measured - manifest| Recall@1")] = 0.005,
+    batch: Annotated[int, typer.Option(help="Photos per upload request")] = 32,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads (server and client)")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars")] = True,
+) -> None:
+    """Check through a real server that the release's models reproduce the Recall@1 in their manifest."""
+    from server.verify_release import main
+
+    raise typer.Exit(main(release, data, work, out, tolerance, batch, threads, progress))
+
+
+@app.command()
+def neardup(
+    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
+                                                 "release]")] = None,
+    data: Annotated[Path | None, typer.Option(help="Caltech-101 folder [env CONCORD_DATA; default "
+                                              "../shared/datasets/caltech101]")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder")] = Path("reports/neardup"),
+    cache: Annotated[Path, typer.Option(help="Gallery embeddings cache")] = Path("cache/neardup"),
+    queries: Annotated[int, typer.Option(help="Near-duplicate queries (a fixed-seed sample of the gallery)")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the sample and the transformations")] = 0,
+    gallery_model: Annotated[str | None, typer.Option(help="Cloud model of the gallery [default: the oldest]")]
+    = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads")] = None,
+) -> None:
+    """Near-duplicate search: does each query model find the original photo in the cloud gallery?"""
+    from server.neardup import main
+
+    raise typer.Exit(main(release, data, out, cache, queries, seed, gallery_model, threads))

@@ -1,0 +1,433 @@
+"""The server's blocking work: decode and encode photos, store them, search, upgrade the indexing model.
+
+Routes call these methods off the event loop (`run_in_threadpool`). Errors a client caused raise a
+`ServiceError` subclass that carries its HTTP status and a message saying what was wrong, always BEFORE
+anything is written: a refused request leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from models.gate import check_gate
+from models.lineage import explain_incompatible, searchable_galleries
+from models.manifest import Manifest, ModelEntry
+from models.preprocess import ImageError, load_image
+from models.release import Release
+from server.metrics import Metrics
+from server.security import ACCEPTED, sniff_image
+from server.settings import ACTIVE_MODEL_KEY, Settings
+from server.store import GalleryStore, Hit, IndexSpec, NewPhoto, PhotoRecord
+
+log = logging.getLogger("concord.server")
+NORM_TOLERANCE = 1e-3
+"""A query embedding must have L2 norm 1 within this much."""
+MAX_K = 1000
+MAX_OFFSET = 100_000
+
+
+class ServiceError(Exception):
+    """A request the service refuses; `status` is its HTTP code, `extra` goes into the JSON answer."""
+
+    status = 400
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    """The request cannot be served by this release or gallery (unknown or incompatible model, failed gate)."""
+
+    status = 409
+
+
+class UnsupportedMedia(ServiceError):
+    status = 415
+
+
+class Unprocessable(ServiceError):
+    status = 422
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded photo: the name the client gave, its bytes and its metadata."""
+
+    filename: str
+    data: bytes
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Added:
+    """What became of one uploaded photo: its id, the model of its vector, whether it was stored already."""
+
+    id: int
+    model_id: str
+    duplicate: bool
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """Paging and filters of a search: metadata equality (`where`) and a date-added range (unix seconds)."""
+
+    k: int = 10
+    offset: int = 0
+    where: dict[str, Any] | None = None
+    added_after: float | None = None
+    added_before: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    """Hits, best first, and which gallery models the query model searched or had to skip (with why)."""
+
+    query_model: str
+    searched: list[str]
+    skipped: dict[str, str]
+    hits: list[Hit]
+
+
+class Service:
+    """One release and one gallery store, with the active cloud model that indexes new photos."""
+
+    def __init__(self, release: Release, store: GalleryStore, active_model: str, metrics: Metrics | None = None,
+                 threads: int | None = None) -> None:
+        self.release = release
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.threads = threads
+        self._active = active_model
+        self._upgrade_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self.encoded_photos = 0
+        """Photos this process ran through an encoder (a test proves an upgrade adds none)."""
+        self.metrics.set_gallery(store.counts())
+
+    @classmethod
+    def open(cls, settings: Settings, metrics: Metrics | None = None) -> Service:
+        """Load and verify the release, open the store in `settings.data_dir`, settle the active model."""
+        release = Release.load(settings.release, verify=settings.verify_release)
+        manifest = release.manifest
+        wanted = settings.model or newest_cloud(manifest)
+        entry = _cloud_entry(manifest, wanted, "CONCORD_MODEL")
+        data_dir = Path(settings.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = GalleryStore(data_dir / "gallery", dim=entry.dim, index=IndexSpec(settings.index),
+                             keep_bytes=settings.keep_bytes)
+        try:
+            active = store.get_setting(ACTIVE_MODEL_KEY)
+            if active is None:
+                store.set_setting(ACTIVE_MODEL_KEY, wanted)
+                active = wanted
+            elif active not in manifest.models:
+                raise ValueError(f"the store in {data_dir} indexes with {active!r}, which release {settings.release} "
+                                 f"lacks (it holds {sorted(manifest.models)}); serve a release that has it")
+            elif settings.model and settings.model != active:
+                log.warning("CONCORD_MODEL=%s ignored: the store in %s indexes with %s; change it with "
+                            "POST /v1/models/upgrade", settings.model, data_dir, active)
+            release.encoder(str(active), threads=settings.threads)  # load it now: ready means ready to index
+            return cls(release, store, str(active), metrics, settings.threads)
+        except BaseException:
+            store.close()
+            raise
+
+    def close(self) -> None:
+        """Save the FAISS index and close the store (a clean shutdown; a crash is recovered at the next start)."""
+        self.store.close()
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.release.manifest
+
+    @property
+    def active_model(self) -> str:
+        """The cloud model that encodes new photos."""
+        return self._active
+
+    # ----- photos -------------------------------------------------------------------------------------------
+
+    def add_photos(self, uploads: list[Upload]) -> list[Added]:
+        """Store photos, encoded by the active model; a photo whose sha256 is stored already is not stored again.
+
+        Every photo is checked (format by its bytes, decodable, not a bomb) before any is stored: one bad photo
+        refuses the whole request and names the file.
+        """
+        if not uploads:
+            raise Unprocessable("no photos in the request: send one or more files in the multipart field 'files'")
+        hashes = [hashlib.sha256(u.data).hexdigest() for u in uploads]
+        first: dict[str, int] = {}
+        for i, h in enumerate(hashes):
+            first.setdefault(h, i)
+        stored = {h: rec for h in first if (rec := self.store.find_by_hash(h)) is not None}
+        todo = [i for h, i in first.items() if h not in stored]
+        images = [decode_photo(uploads[i].data, _name(uploads[i], i)) for i in todo]
+        model_id = self._active
+        vectors = self._encode(model_id, images)
+        new = [NewPhoto(hashes[i], vectors[j], model_id, uploads[i].metadata, uploads[i].data)
+               for j, i in enumerate(todo)]
+        added = dict(zip([hashes[i] for i in todo], self.store.add(new) if new else [], strict=True))
+        results = []
+        for i, h in enumerate(hashes):
+            if h in stored:
+                results.append(Added(stored[h].id, stored[h].model_id, True, h))
+            else:
+                results.append(Added(added[h].id, added[h].model_id, added[h].duplicate or first[h] != i, h))
+        fresh = [r for r in added.values() if not r.duplicate]
+        if fresh:
+            self.metrics.indexed.labels(model=model_id).inc(len(fresh))
+            self.metrics.set_gallery(self.store.counts())
+        self.metrics.duplicates.inc(len(results) - len(fresh))
+        return results
+
+    def lookup(self, hashes: list[str]) -> dict[str, int]:
+        """The photo id of every given sha256 that is stored (unknown hashes are left out)."""
+        found = {}
+        for h in hashes:
+            record = self.store.find_by_hash(h.lower())
+            if record is not None:
+                found[h] = record.id
+        return found
+
+    def record(self, photo_id: int) -> PhotoRecord:
+        record = self.store.get(photo_id)
+        if record is None:
+            raise NotFound(f"no photo with id {photo_id}")
+        return record
+
+    def image(self, photo_id: int) -> tuple[bytes, str]:
+        """A stored photo's bytes and its media type (judged by its bytes)."""
+        self.record(photo_id)
+        data = self.store.photo_bytes(photo_id)
+        if data is None:
+            raise NotFound(f"photo {photo_id} is indexed but its bytes were not kept (CONCORD_KEEP_BYTES=false)")
+        return data, sniff_image(data) or "application/octet-stream"
+
+    def delete(self, photo_id: int) -> None:
+        """Remove a photo: its row, its vector and (when no other photo shares them) its bytes."""
+        if not self.store.delete(photo_id):
+            raise NotFound(f"no photo with id {photo_id}")
+        self.metrics.set_gallery(self.store.counts())
+
+    # ----- search -------------------------------------------------------------------------------------------
+
+    def search_vector(self, values: list[float] | np.ndarray, model_id: str, query: SearchQuery,
+                      kind: str = "embedding") -> SearchAnswer:
+        """Search with an embedding made by `model_id`, over every gallery model it is comparable with."""
+        entry = self._query_entry(model_id)
+        vector = check_vector(values, entry)
+        searched, skipped = self._galleries(model_id)
+        hits: list[Hit] = []
+        if searched:
+            start = time.perf_counter()
+            try:
+                hits = self.store.search(vector, k=query.k, offset=query.offset, models=searched, where=query.where,
+                                         added_after=query.added_after, added_before=query.added_before)
+            except ValueError as err:
+                raise Unprocessable(str(err)) from None
+            self.metrics.search_seconds.observe(time.perf_counter() - start)
+        self.metrics.searches.labels(kind=kind, model=model_id).inc()
+        return SearchAnswer(model_id, searched, skipped, hits)
+
+    def search_photo(self, data: bytes, query: SearchQuery, filename: str = "photo") -> SearchAnswer:
+        """Encode a query photo with the active cloud model and search with it."""
+        image = decode_photo(data, filename)
+        model_id = self._active
+        vector = self._encode(model_id, [image])[0]
+        return self.search_vector(vector, model_id, query, kind="photo")
+
+    def similar(self, photo_id: int, query: SearchQuery) -> SearchAnswer:
+        """More like this: search with a stored photo's own vector and model; the photo itself is left out."""
+        record = self.record(photo_id)
+        vector = self.store.vector(photo_id)
+        if vector is None:
+            raise NotFound(f"photo {photo_id} has no vector")
+        wider = SearchQuery(query.offset + query.k + 1, 0, query.where, query.added_after, query.added_before)
+        answer = self.search_vector(vector, record.model_id, wider, kind="similar")
+        hits = [h for h in answer.hits if h.id != photo_id][query.offset:query.offset + query.k]
+        return SearchAnswer(answer.query_model, answer.searched, answer.skipped, hits)
+
+    def _query_entry(self, model_id: str) -> ModelEntry:
+        if model_id not in self.manifest.models:
+            raise Conflict(f"unknown query model {model_id!r}: this server's release "
+                           f"{self.manifest.release or self.release.folder} holds {sorted(self.manifest.models)}; "
+                           f"query with one of them, or give the server a release that has {model_id!r}")
+        return self.manifest.model(model_id)
+
+    def _galleries(self, model_id: str) -> tuple[list[str], dict[str, str]]:
+        """Gallery models `model_id` may search (those holding vectors) and the skipped ones with why."""
+        counts = {m: n for m, n in self.store.counts().items() if n > 0}
+        searched, skipped = [], {}
+        for gallery in sorted(counts):
+            reason = explain_incompatible(self.manifest, model_id, gallery)
+            if reason:
+                skipped[gallery] = reason
+            else:
+                searched.append(gallery)
+        if not searched:
+            target = sorted(counts)[0] if counts else self._active
+            reason = skipped.get(target) or explain_incompatible(self.manifest, model_id, target)
+            if reason:
+                raise Conflict(f"query model {model_id!r} cannot search this gallery: {reason}",
+                               gallery_models=sorted(counts) or [self._active])
+        return searched, skipped
+
+    # ----- models -------------------------------------------------------------------------------------------
+
+    def models(self) -> dict[str, Any]:
+        """The release: spaces, models with lineage and figures, who may search whom, the active model."""
+        manifest = self.manifest
+        counts = self.store.counts()
+        models = []
+        for entry in sorted(manifest.models.values(), key=lambda e: (e.space, e.role, e.version, e.id)):
+            models.append({
+                "id": entry.id, "role": entry.role, "space": entry.space, "dim": entry.dim, "version": entry.version,
+                "parents": list(entry.parents), "arch": entry.arch, "active": entry.id == self._active,
+                "gallery_vectors": counts.get(entry.id, 0),
+                "searches": searchable_galleries(manifest, entry.id),
+                "preprocess": entry.preprocess.to_dict(), "files": sorted(entry.files()),
+                "metrics": entry.metrics, "card": entry.card,
+            })
+        spaces = [{"id": s.id, "dim": s.dim, "metric": s.metric,
+                   "models": sorted(e.id for e in manifest.models.values() if e.space == s.id)}
+                  for s in manifest.spaces.values()]
+        lineage = [{"model": e.id, "parent": p} for e in manifest.models.values() for p in e.parents]
+        return {"release": manifest.release, "active_model": self._active, "spaces": spaces, "models": models,
+                "lineage": lineage}
+
+    def upgrade(self, model_id: str) -> dict[str, Any]:
+        """Make a newer cloud model index new photos, after the compatibility gate; nothing is re-encoded.
+
+        Stored vectors stay as they are and stay searchable (the gate proved the new model's queries beat the
+        old model's on the old gallery). Raises NotFound, Unprocessable (not a cloud model) or Conflict
+        (older, another space, or failing the gate: it could only start a new space, which needs a backfill).
+        """
+        with self._upgrade_lock:
+            start = time.perf_counter()
+            previous = self._active
+            if model_id not in self.manifest.models:
+                raise NotFound(f"unknown model {model_id!r}: this release holds {sorted(self.manifest.models)}")
+            entry = self.manifest.model(model_id)
+            if entry.role != "cloud":
+                raise Unprocessable(f"{model_id!r} is an {entry.role} model: only a cloud model indexes photos "
+                                    f"(devices query with edge models; they need no server upgrade)")
+            if model_id == previous:
+                return self._upgrade_answer(previous, model_id, None, start, changed=False)
+            verdict = check_gate(self.manifest, model_id, previous)
+            if not verdict.passed:
+                raise Conflict(f"refusing to index with {model_id!r}: {verdict.reason}", gate=verdict.to_dict(),
+                               active_model=previous)
+            self.release.encoder(model_id, threads=self.threads)  # load (and sha256-check) it before switching
+            self.store.set_setting(ACTIVE_MODEL_KEY, model_id)
+            self._active = model_id
+            self.metrics.upgrades.inc()
+            log.info("active cloud model %s -> %s (%s)", previous, model_id, verdict.reason)
+            return self._upgrade_answer(previous, model_id, verdict.to_dict(), start, changed=True)
+
+    def _upgrade_answer(self, previous: str, active: str, gate: dict[str, Any] | None, start: float,
+                        changed: bool) -> dict[str, Any]:
+        counts = self.store.counts()
+        message = (f"{active!r} now indexes new photos; the {sum(counts.values())} stored vectors stay as they are "
+                   f"and stay searchable" if changed else f"{active!r} is already the active model; nothing changed")
+        return {"previous": previous, "active_model": active, "changed": changed, "gate": gate,
+                "reencoded": 0,  # by construction: an upgrade has no re-encoding step (a test counts encoder calls)
+                "seconds": round(time.perf_counter() - start, 6),
+                "gallery": counts, "message": message}
+
+    def stats(self, verify: bool = False) -> dict[str, Any]:
+        """Photos, vectors per model, the active model, photos encoded by this process; with `verify`, also
+        whether the FAISS index holds exactly the catalogue's ids (reads every id: for checks, not dashboards)."""
+        counts = self.store.counts()
+        answer: dict[str, Any] = {"photos": len(self.store), "vectors": counts, "vectors_total": sum(counts.values()),
+                                  "active_model": self._active, "release": self.manifest.release,
+                                  "encoded_photos": self.encoded_photos}
+        if verify:
+            catalogue, index = self.store.catalogue_ids(), self.store.index_ids()
+            answer.update(catalogue_rows=len(catalogue), index_vectors=len(index), consistent=catalogue == index)
+        return answer
+
+    # ----- encoding -----------------------------------------------------------------------------------------
+
+    def _encode(self, model_id: str, images: list[Image.Image]) -> np.ndarray:
+        """Run decoded photos through `model_id`'s server encoder, counting and timing it."""
+        if not images:
+            return np.zeros((0, self.manifest.model(model_id).dim), dtype=np.float32)
+        encoder = self.release.encoder(model_id, threads=self.threads)
+        start = time.perf_counter()
+        vectors = encoder.encode_images(images)
+        self.metrics.encode_seconds.labels(model=model_id).observe(time.perf_counter() - start)
+        self.metrics.encoded.labels(model=model_id).inc(len(images))
+        with self._count_lock:
+            self.encoded_photos += len(images)
+        return vectors
+
+
+def newest_cloud(manifest: Manifest) -> str:
+    """The cloud model of highest version: what a new store indexes with unless told otherwise."""
+    clouds = [e for e in manifest.models.values() if e.role == "cloud"]
+    if not clouds:
+        raise ValueError(f"release {manifest.release!r} holds no cloud model to index photos with")
+    return max(clouds, key=lambda e: (e.version, e.id)).id
+
+
+def _cloud_entry(manifest: Manifest, model_id: str, setting: str) -> ModelEntry:
+    if model_id not in manifest.models:
+        raise ValueError(f"{setting}: unknown model {model_id!r}; the release holds {sorted(manifest.models)}")
+    entry = manifest.model(model_id)
+    if entry.role != "cloud":
+        raise ValueError(f"{setting}: {model_id!r} is an {entry.role} model; photos are indexed by a cloud model")
+    return entry
+
+
+def _name(upload: Upload, index: int) -> str:
+    return f"file #{index} ({upload.filename!r})" if upload.filename else f"file #{index}"
+
+
+def decode_photo(data: bytes, name: str) -> Image.Image:
+    """Check a photo by its bytes (415 when it is no image format) and decode it (422 when it cannot be)."""
+    if not data:
+        raise Unprocessable(f"{name}: the file is empty")
+    if sniff_image(data) is None:
+        raise UnsupportedMedia(f"{name}: not a photo; its bytes are no {ACCEPTED} (judged by content, not by the "
+                               f"claimed type)")
+    try:
+        return load_image(data)
+    except ImageError as err:
+        message = str(err).removeprefix("photo: ")
+        raise Unprocessable(f"{name}: {message}") from None
+
+
+def check_vector(values: list[float] | np.ndarray, entry: ModelEntry) -> np.ndarray:
+    """A query embedding as float32 [dim], refused (422) unless it has the model's dim, is finite and unit norm."""
+    try:
+        vector = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise Unprocessable("the vector must be a list of numbers") from None
+    if vector.ndim != 1 or vector.shape[0] != entry.dim:
+        size = vector.shape[0] if vector.ndim == 1 else f"shape {list(vector.shape)}"
+        raise Unprocessable(f"the vector has {size} values; model {entry.id!r} embeds into {entry.dim} dimensions")
+    bad = np.flatnonzero(~np.isfinite(vector))
+    if bad.size:
+        raise Unprocessable(f"the vector holds NaN or infinite values (at positions {bad[:5].tolist()})")
+    norm = float(np.linalg.norm(vector))
+    if abs(norm - 1.0) > NORM_TOLERANCE:
+        raise Unprocessable(f"the vector's L2 norm is {norm:.6f}; embeddings must be unit length within "
+                            f"{NORM_TOLERANCE} (L2-normalise it)")
+    return vector.astype(np.float32)
+
