@@ -122,53 +122,143 @@ def concord_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from models.cli import main; main(sys.argv[1:])"]
 
 
+LAUNCHER = r"""
+import json, os, signal, sys
+import models.cli, server.app, server.cli, server.service, uvicorn  # what every start would import again
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the servers when they die
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.dup2(2, 1)  # the server logs where the launcher does; stdout is the launcher's answer pipe
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        try:
+            models.cli.main(json.loads(line))
+        finally:
+            os._exit(0)
+    print(pid, flush=True)
+"""
+
+
+class Launcher:
+    """A process that has imported the server once and forks a fresh `concord serve` process per start.
+
+    Each server is a real process of its own (its own port, store, SIGKILL), running the `concord serve` code
+    path, without paying the ~2-4 s of imports per start: crash tests restart the server many times.
+    """
+
+    def __init__(self, log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        self._file = open(log, "ab")  # noqa: SIM115 - open for the launcher's whole life
+        self.process = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self._file, env=env, text=True)
+
+    def spawn(self, argv: list[str]) -> int:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(argv) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the launcher died (exit code {self.process.poll()})")
+        return int(line)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=30)
+        self._file.close()
+
+    def __enter__(self) -> Launcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ServerProcess:
-    """`concord serve` in a subprocess: start, wait until /readyz answers, then stop (SIGTERM) or kill (SIGKILL)."""
+    """`concord serve` in a process of its own: start, wait until /readyz answers, then stop (SIGTERM) or kill
+    (SIGKILL). With a `launcher` the process is forked from it instead of started from scratch."""
 
     def __init__(self, release: Path, data_dir: Path, model: str = "cloud-v1", api_key: str = API_KEY,
-                 log: Path | None = None, extra: list[str] | None = None) -> None:
+                 log: Path | None = None, launcher: Launcher | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [*concord_command(), "serve", "--release", str(release), "--data-dir", str(data_dir),
-                     "--port", str(self.port), "--model", model, "--log-level", "warning", "--threads", "1",
-                     *(extra or [])]
-        self.env = {**os.environ, "CONCORD_API_KEY": api_key, "OMP_NUM_THREADS": "1"}
+        self.argv = ["serve", "--release", str(release), "--data-dir", str(data_dir), "--port", str(self.port),
+                     "--model", model, "--log-level", "warning", "--threads", "1"]
+        self.env = server_env(api_key)
         self.log = log or data_dir.parent / f"server-{self.port}.log"
+        self.launcher = launcher
+        self.pid: int | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        if self.pid is None:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        if self.launcher is not None:
+            self.process, self.pid = None, self.launcher.spawn(self.argv)
+        else:
+            with open(self.log, "ab") as log:
+                self.process = subprocess.Popen([*concord_command(), *self.argv], env=self.env, stdout=log,
+                                                stderr=subprocess.STDOUT)
+            self.pid = self.process.pid
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}: {self.log.read_text()[-3000:]}")
+            if not self.alive():
+                raise RuntimeError(f"the server exited while starting: {self._tail()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
-            time.sleep(0.05)
+            time.sleep(0.02)
         self.kill()
-        raise RuntimeError(f"the server did not become ready in {timeout} s: {self.log.read_text()[-3000:]}")
+        raise RuntimeError(f"the server did not become ready in {timeout} s: {self._tail()}")
+
+    def _tail(self) -> str:
+        log = self.launcher.log if self.launcher else self.log
+        return log.read_text(errors="replace")[-3000:]
+
+    def _signal(self, sig: signal.Signals, timeout: float = 30.0) -> None:
+        if not self.alive() or self.pid is None:
+            return
+        os.kill(self.pid, sig)
+        if self.process is not None:
+            self.process.wait(timeout=timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server {self.pid} did not exit after {sig.name}")
+            time.sleep(0.005)
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as in a power cut of the process."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=30)
+        """SIGKILL: no shutdown code runs, as when the process is killed by the OOM killer or a power cut."""
+        self._signal(signal.SIGKILL)
 
     def stop(self) -> None:
         """SIGTERM: uvicorn's graceful shutdown (the lifespan closes the store)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        try:
+            self._signal(signal.SIGTERM)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            self.kill()
 
     def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def server_env(api_key: str = API_KEY) -> dict[str, str]:
+    """The environment of a test server: its API key, one thread per numeric library (the machine is shared)."""
+    return {**os.environ, "CONCORD_API_KEY": api_key, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
