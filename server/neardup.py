@@ -193,7 +193,7 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
     headline = rows[0]
     result: dict[str, Any] = {
         **report.header(), "release": str(release.folder), "release_name": manifest.release,
-        "protocol": {"gallery": len(paths), "gallery_source": f"{config.data}/test.txt (BACKGROUND_Google included)",
+        "protocol": {"gallery": len(paths), "gallery_source": f"{config.data}/test.txt with BACKGROUND_Google",
                      "gallery_model": gallery_id, "queries": config.queries, "seed": config.seed,
                      "transform": {**asdict(config.transform), "description": config.transform.describe()},
                      "byte_identical_originals": sum(len(t) > 1 for t in twins),

@@ -205,7 +205,7 @@ def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[st
     result: dict[str, Any] = {
         **report.header(), "release": str(release.folder), "release_name": manifest.release,
         "protocol": {"data": str(split.image_dir.parent), "gallery": len(split.gallery),
-                     "gallery_source": "train.txt, BACKGROUND_Google included (label -1: never relevant)",
+                     "gallery_source": "train.txt with BACKGROUND_Google, label -1: never relevant",
                      "queries": len(split.queries), "query_source": "test.txt without BACKGROUND_Google",
                      "k": max(KS), "tolerance": config.tolerance, "path": "through a `concord serve` process: "
                      "POST /v1/photos, then POST /v1/search/embedding (client-encoded) or /v1/search/photo"},
