@@ -151,3 +151,33 @@ def neardup(
     from server.neardup import main
 
     raise typer.Exit(main(release, data, out, cache, queries, seed, gallery_model, threads))
+
+
+@app.command()
+def bench(
+    part: Annotated[str, typer.Argument(help="all, search, encode or upgrade")] = "all",
+    quick: Annotated[bool, typer.Option(help="Small sizes: proves the command in seconds (reports go to "
+                                        "reports/bench/quick); the figures are not for quoting.")] = False,
+    release: Annotated[Path | None, typer.Option(help="Release folder (env CONCORD_RELEASE; default: the shipped "
+                                                 "one)")] = None,
+    photos: Annotated[Path | None, typer.Option(help="Real photos, a folder or list file (default: "
+                                                "$CONCORD_DATA/101_ObjectCategories, Caltech-101)")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="Real embeddings (.npz/.npy or a folder) the synthetic "
+                                                    "gallery imitates (default: reports/benchmark/embeddings/"
+                                                    "cloud-v2.npz; absent: centres from a fixed seed)")] = None,
+    evaluation: Annotated[Path | None, typer.Option(help="Evaluation report with the mixed-gallery curve "
+                                                    "(default: reports/benchmark/caltech101.json)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: reports/bench)")] = None,
+    sizes: Annotated[str | None, typer.Option(help="Gallery sizes, comma-separated (default: 10000,100000,"
+                                              "1000000; quick: 1000,3000)")] = None,
+    api: Annotated[bool, typer.Option("--api/--no-api", help="Also time the HTTP API on real servers.")] = True,
+    keep_work: Annotated[bool, typer.Option(help="Keep the scratch stores and server logs.")] = False,
+) -> None:
+    """Benchmark search, encoding and upgrade cost; write reports/bench (JSON, summary.md, PNG plots)."""
+    from server.bench import main
+
+    try:
+        main(part, quick, sizes, api, keep_work, release=release, photos=photos, embeddings=embeddings,
+             evaluation=evaluation, out=out)
+    except (ValueError, OSError, RuntimeError) as err:
+        fail(str(err))
