@@ -43,6 +43,8 @@ def serve(
     log_level: Annotated[str | None, typer.Option(help="uvicorn log level [env CONCORD_LOG_LEVEL]")] = None,
 ) -> None:
     """Start the photo-search server (FastAPI + uvicorn) with a release and the embedded gallery store."""
+    import logging
+
     import uvicorn
 
     from models.manifest import ManifestError
@@ -56,6 +58,7 @@ def serve(
                                      keep_bytes=keep_bytes, threads=threads, log_level=log_level)
     except SettingsError as err:
         fail(str(err))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not (Path(settings.release) / "manifest.json").is_file():
         fail(f"no release at {settings.release} (no manifest.json): pass --release or set CONCORD_RELEASE")
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):

@@ -27,10 +27,9 @@ from server.metrics import Metrics
 from server.security import ACCEPTED, sniff_image
 from server.settings import ACTIVE_MODEL_KEY, Settings
 from server.store import GalleryStore, Hit, IndexSpec, NewPhoto, PhotoRecord
+from server.store import check_vector as store_check_vector
 
 log = logging.getLogger("concord.server")
-NORM_TOLERANCE = 1e-3
-"""A query embedding must have L2 norm 1 within this much."""
 MAX_K = 1000
 MAX_OFFSET = 100_000
 
@@ -422,12 +421,7 @@ def check_vector(values: list[float] | np.ndarray, entry: ModelEntry) -> np.ndar
     if vector.ndim != 1 or vector.shape[0] != entry.dim:
         size = vector.shape[0] if vector.ndim == 1 else f"shape {list(vector.shape)}"
         raise Unprocessable(f"the vector has {size} values; model {entry.id!r} embeds into {entry.dim} dimensions")
-    bad = np.flatnonzero(~np.isfinite(vector))
-    if bad.size:
-        raise Unprocessable(f"the vector holds NaN or infinite values (at positions {bad[:5].tolist()})")
-    norm = float(np.linalg.norm(vector))
-    if abs(norm - 1.0) > NORM_TOLERANCE:
-        raise Unprocessable(f"the vector's L2 norm is {norm:.6f}; embeddings must be unit length within "
-                            f"{NORM_TOLERANCE} (L2-normalise it)")
-    return vector.astype(np.float32)
-
+    try:
+        return store_check_vector(vector, entry.dim, "the vector")  # finite, unit norm within NORM_TOLERANCE
+    except ValueError as err:
+        raise Unprocessable(str(err)) from None

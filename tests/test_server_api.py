@@ -60,6 +60,14 @@ def test_add_get_image_delete(client: TestClient, sample_photos: dict[str, bytes
     assert cat not in [h["id"] for h in hits] and len(hits) == 2
 
 
+def test_without_kept_bytes_the_image_is_refused_plainly(settings: Settings, sample_photos: dict[str, bytes]) -> None:
+    with in_process(settings.replace(keep_bytes=False)) as client:
+        photo = add(client, {"c.jpg": sample_photos["coffee"]})[0]
+        assert client.get(f"/v1/photos/{photo['id']}").json()["has_bytes"] is False
+        image = client.get(f"/v1/photos/{photo['id']}/image")
+        assert image.status_code == 404 and "bytes were not kept" in image.json()["detail"]
+
+
 def test_duplicates_are_recognised_and_not_encoded_again(client: TestClient, sample_photos: dict[str, bytes]) -> None:
     photo = sample_photos["rocket"]
     first = add(client, {"a.jpg": photo, "b.jpg": photo})

@@ -75,7 +75,7 @@ CASES: dict[str, tuple[Callable[[TestClient], httpx.Response], int, str]] = {
     "wrong dim": (embedding(unit([1.0] * 16)), 422, "embeds into 32 dimensions"),
     "nan": (embedding([math.nan, *GOOD[1:]]), 422, "NaN"),
     "infinite": (embedding([math.inf, *GOOD[1:]]), 422, "NaN or infinite"),
-    "not unit norm": (embedding([2 * x for x in GOOD]), 422, "norm is 2.000000"),
+    "not unit norm": (embedding([2 * x for x in GOOD]), 422, "L2 norm 2.000000"),
     "bad k": (embedding(GOOD, k=0), 422, "k"),
     "unknown model": (embedding(GOOD, model_id="edge-v9"), 409, "unknown query model 'edge-v9'"),
     "another space": (embedding(GOOD, model_id="other-v1"), 409, "space 'other'"),
