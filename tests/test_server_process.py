@@ -34,10 +34,14 @@ def test_concurrent_clients_add_search_and_upgrade_without_error(tiny_release: P
     edge = Release.load(tiny_release).encoder("edge-v2")
     query = edge.encode_bytes([make_photo(5)])[0]
     added: list[int] = []
+    some_added, upgraded = threading.Event(), threading.Event()
 
     def writer(worker: int) -> None:
         with httpx.Client(base_url=server.url, headers=WRITE, timeout=60) as http:
             for i in range(5):
+                if i == 2:  # the rest go in after the upgrade, which happens while the others search
+                    some_added.set()
+                    assert upgraded.wait(timeout=60)
                 photos = [make_photo(10_000 * worker + 10 * i + j) for j in range(3)]
                 added.extend(p["id"] for p in post_photos(http, photos))
 
@@ -51,10 +55,11 @@ def test_concurrent_clients_add_search_and_upgrade_without_error(tiny_release: P
                 assert http.get("/v1/stats").status_code == 200
 
     def upgrader(_: int) -> None:
-        time.sleep(0.3)
+        assert some_added.wait(timeout=60)
         with httpx.Client(base_url=server.url, headers=WRITE, timeout=60) as http:
             answer = http.post("/v1/models/upgrade", json={"model_id": "cloud-v2"})
-            assert answer.status_code == 200 and answer.json()["reencoded"] == 0, answer.text
+        upgraded.set()
+        assert answer.status_code == 200 and answer.json()["reencoded"] == 0, answer.text
 
     with ServerProcess(tiny_release, tmp_path / "data") as server:
         with ThreadPoolExecutor(max_workers=5) as pool:
@@ -95,7 +100,7 @@ def test_concord_index_sends_a_folder_and_a_second_run_skips_it(tiny_release: Pa
         assert first.returncode == 2, first.stderr  # the broken file is reported, the rest indexed
         assert f"{expected + 1} photos: {expected - 2} indexed, 2 already on the server" in first.stdout
         assert "broken.jpg" in first.stderr and "not a photo" in first.stderr
-        assert "photo/s" in first.stderr or "photo" in first.stderr  # tqdm's bar
+        assert "indexing: 100%" in first.stderr and "photo/s" in first.stderr  # tqdm's bar: rate and ETA
         stats = httpx.get(f"{server.url}/v1/stats").json()
         assert stats["photos"] == expected
         records = httpx.get(f"{server.url}/v1/photos", params={"hash": _sha(folder / "trip" / "day2" / "photo2.png")})
@@ -183,6 +188,7 @@ def check_recovered(url: str, sent: dict[str, bytes], acked: dict[str, int], enc
             hits = answer.json()["hits"]
             assert hits and hits[0]["id"] == found[h], f"photo {found[h]} is not found by its own vector: {hits}"
             assert abs(hits[0]["score"] - 1.0) < 1e-3
+            assert http.get(f"/v1/photos/{found[h]}/image").content == sent[h], "the kept bytes are not whole"
             verified.add(h)
     return found
 
