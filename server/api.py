@@ -279,9 +279,17 @@ async def delete_photo(service: ServiceDep, photo_id: int) -> Response:
 
 
 @router.get("/photos/{photo_id}/similar", dependencies=read, response_model=SearchResponse, tags=["search"])
-async def similar_photos(service: ServiceDep, photo_id: int, filters: Annotated[Filters, Query()]) -> SearchResponse:
+async def similar_photos(
+    service: ServiceDep, photo_id: int,
+    k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    filter: Annotated[str | None, Query(description='JSON object of metadata equality filters, e.g. '
+                                                    '{"album": "2024"}.')] = None,
+    added_after: Annotated[datetime | None, Query()] = None,
+    added_before: Annotated[datetime | None, Query()] = None,
+) -> SearchResponse:
     """More like this: photos nearest to a stored photo (itself left out), searched with its own vector."""
-    query = _query(filters)
+    query = SearchQuery(k, offset, _filter(filter), _time(added_after), _time(added_before))
     return _search_response(await run_in_threadpool(service.similar, photo_id, query), query)
 
 

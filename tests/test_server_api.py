@@ -109,7 +109,7 @@ def test_search_finds_the_photo_and_pages_and_filters(client: TestClient, sample
 
 
 def test_similar_leaves_the_photo_itself_out(client: TestClient, sample_photos: dict[str, bytes]) -> None:
-    added = add(client, dict(sample_photos))
+    added = add(client, dict(sample_photos), [{"i": i} for i in range(len(sample_photos))])
     target = added[0]["id"]
     answer = client.get(f"/v1/photos/{target}/similar", params={"k": 3}).json()
     assert len(answer["hits"]) == 3 and target not in [h["id"] for h in answer["hits"]]
@@ -117,6 +117,8 @@ def test_similar_leaves_the_photo_itself_out(client: TestClient, sample_photos: 
     assert len(everything) == len(sample_photos) - 1
     second_page = client.get(f"/v1/photos/{target}/similar", params={"k": 3, "offset": 3}).json()["hits"]
     assert [h["id"] for h in answer["hits"] + second_page] == [h["id"] for h in everything[:6]]
+    odd = client.get(f"/v1/photos/{target}/similar", params={"filter": json.dumps({"i": 1})}).json()["hits"]
+    assert [h["id"] for h in odd] == [added[1]["id"]]
     assert client.get("/v1/photos/999999/similar").status_code == 404
 
 
