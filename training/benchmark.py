@@ -62,7 +62,7 @@ def features(bench: Benchmark, photos: PhotoSet, arch: str, resolution: int, vie
 
 def training_data(config: TrainConfig, bench: Benchmark, paths: Paths) -> TrainData:
     """Features of the config's training photos plus its frozen references' embeddings and classifiers."""
-    photos = bench.training_set(config.num_classes)
+    photos = bench.gallery if config.photos == "gallery" else bench.training_set(config.num_classes)
     data = TrainData(features(bench, photos, config.arch, config.resolution, config.views, paths.cache),
                      torch.from_numpy(photos.labels))
     for ref in config.references:

@@ -56,6 +56,10 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    checkpoint_every: int = 5
+    photos: str = "labelled"
+    """'labelled': the training photos of the first num_classes classes; 'gallery': every gallery photo the
+    reference cloud model indexed, without labels (distillation only; regression losses only)."""
     views: list[str] = field(default_factory=lambda: ["plain", "flip"])
 
     def __post_init__(self) -> None:
@@ -65,6 +69,10 @@ class TrainConfig:
                 raise ValueError(f"{self.model_id}: unknown loss {spec.kind!r}; known: {LOSS_KINDS}")
             if spec.kind != "classification" and not spec.reference:
                 raise ValueError(f"{self.model_id}: loss {spec.kind!r} needs a reference model")
+            if self.photos == "gallery" and spec.kind != "regression":
+                raise ValueError(f"{self.model_id}: photos='gallery' has no labels; only regression losses apply")
+        if self.photos not in ("labelled", "gallery"):
+            raise ValueError(f"{self.model_id}: photos must be 'labelled' or 'gallery', got {self.photos!r}")
 
     @property
     def references(self) -> list[str]:
@@ -190,5 +198,6 @@ def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
                  "classifier": classifier_weight(losses), "done": epoch + 1 == config.epochs,
                  "loss": totals}
-        save_checkpoint(checkpoint, state)
+        if state["done"] or (epoch + 1) % config.checkpoint_every == 0:
+            save_checkpoint(checkpoint, state)
     return state
