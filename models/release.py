@@ -7,8 +7,11 @@ bytes it actually loads as well, so a file swapped after start is refused too.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import shutil
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from models.manifest import Manifest, ModelFile
@@ -92,6 +95,24 @@ class Release:
                 except EncoderError as err:
                     raise ReleaseError(f"{variant} file: {err}") from None
             return self._encoders[key]
+
+    def ship(self, out: str | Path, keep: Mapping[str, str]) -> Release:
+        """Copy a slimmer release to `out`: per model only the `keep[model_id]` variant, as its primary file.
+
+        The shipped edge models are their int8 device files: the server never runs them, devices do.
+        """
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        models = {}
+        for model_id, entry in self.manifest.models.items():
+            variant = keep.get(model_id, "server")
+            chosen = self.file(model_id, variant)
+            shutil.copyfile(self.path(model_id, variant), out / Path(chosen.file).name)
+            kept = dataclasses.replace(chosen, file=Path(chosen.file).name)
+            variants = {} if variant == "server" else {variant: kept}
+            models[model_id] = dataclasses.replace(entry, file=kept.file, sha256=kept.sha256, variants=variants)
+        dataclasses.replace(self.manifest, models=models).save(out / "manifest.json")
+        return Release.load(out)
 
     def __repr__(self) -> str:
         return f"Release({str(self.folder)!r}, models={sorted(self.manifest.models)})"

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from models.lineage import comparable, explain_incompatible, lineage, searchable_galleries
@@ -165,3 +166,14 @@ def test_models_not_joined_by_lineage_or_in_another_space_are_not_comparable(tin
     assert "space 'wide'" in why and "space 'tiny'" in why and not comparable(manifest, "wide", "cloud-v1")
     assert "unknown query model 'nope'" in explain_incompatible(manifest, "nope", "cloud-v1")
     assert not comparable(manifest, "cloud-v1", "nope")
+
+
+def test_shipped_release_keeps_one_verified_file_per_model(tiny_release: Path, tmp_path: Path) -> None:
+    shipped = Release.load(tiny_release).ship(tmp_path / "shipped", {"edge-v1": "device-fp32"})
+    edge = shipped.manifest.model("edge-v1")
+    assert edge.file == "edge-v1.device.onnx" and set(edge.variants) == {"device-fp32"}
+    assert shipped.manifest.model("cloud-v1").variants == {}
+    assert sorted(p.name for p in (tmp_path / "shipped").iterdir()) == sorted(
+        ["manifest.json", "cloud-v1.onnx", "cloud-v2.onnx", "edge-v1.device.onnx", "edge-v2.onnx"])
+    vectors = shipped.encoder("edge-v1", "device-fp32").encode_arrays(np.random.rand(3, 3, 32, 32).astype(np.float32))
+    assert vectors.shape == (3, 32)
