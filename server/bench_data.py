@@ -8,7 +8,7 @@ seed and its spread is isotropic; `Mixture.source` says which. Galleries and que
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class Mixture:
     spread: np.ndarray
     source: str
     """How the mixture was made, in words, for the report."""
+    fidelity: dict[str, float] | None = None
+    """Fitted mixtures: the median nearest-neighbour cosine of the real set and of a draw of the same size."""
 
     @property
     def dim(self) -> int:
@@ -60,7 +62,7 @@ class Mixture:
                 "scale_min_median_max": [float(np.min(self.scales)), float(np.median(self.scales)),
                                          float(np.max(self.scales))],
                 "centre_norm_median": float(np.median(np.linalg.norm(self.centres, axis=1))),
-                "normalised": "every drawn vector is L2-normalised"}
+                "normalised": "every drawn vector is L2-normalised", "fidelity": self.fidelity}
 
 
 def seeded_mixture(dim: int, components: int, seed: int, sigma: float = SYNTHETIC_SIGMA) -> Mixture:
@@ -102,7 +104,22 @@ def fitted_mixture(embeddings: np.ndarray, components: int, seed: int, origin: s
     source = (f"fitted to {len(x)} real {x.shape[1]}-d embeddings from {origin}: {k} k-means centres (seed {seed}) "
               f"with their cluster shares as weights, noise from the pooled within-cluster covariance (Cholesky "
               f"factor) scaled per cluster by its own RMS spread")
-    return Mixture(centres, weights.astype(np.float64), scales, spread, source)
+    mixture = Mixture(centres, weights.astype(np.float64), scales, spread, source)
+    drawn = mixture.sample(len(x), seed + 7)
+    fidelity = {"real_median_nn_cosine": median_nn_cosine(x), "synthetic_median_nn_cosine": median_nn_cosine(drawn),
+                "compared_vectors": float(len(x))}
+    return Mixture(centres, mixture.weights, scales, spread, source, fidelity)
+
+
+def median_nn_cosine(x: np.ndarray, probes: int = 1000) -> float:
+    """Median cosine of (up to) `probes` evenly spread vectors to their nearest other vector of the set."""
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(np.ascontiguousarray(x, dtype=np.float32))
+    rows = np.linspace(0, len(x) - 1, min(probes, len(x))).astype(np.int64)
+    scores, _ = index.search(np.ascontiguousarray(x[rows], dtype=np.float32), 2)
+    return float(np.median(scores[:, 1]))
 
 
 def load_embeddings(source: str | Path) -> tuple[np.ndarray, str]:
@@ -138,7 +155,7 @@ def mixture_for(dim: int, components: int, seed: int, embeddings: str | Path | N
     if embeddings is None or not Path(embeddings).exists():
         mixture = seeded_mixture(dim, components, seed)
         where = f" ({embeddings} does not exist)" if embeddings is not None else ""
-        return Mixture(mixture.centres, mixture.weights, mixture.scales, mixture.spread, mixture.source + where)
+        return replace(mixture, source=mixture.source + where)
     x, origin = load_embeddings(embeddings)
     if x.shape[1] != dim:
         raise EmbeddingSourceError(f"{origin}: embeddings are {x.shape[1]}-d, the benchmark asks for {dim}-d")

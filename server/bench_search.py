@@ -33,7 +33,7 @@ def usable_cores() -> int:
 class IndexConfig:
     """Which approximate indexes to build and which search settings to sweep."""
 
-    ef_search: tuple[int, ...] = (16, 32, 64, 128, 256)
+    ef_search: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
     nprobe: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
     hnsw_m: int = 32
     ef_construction: int = 40

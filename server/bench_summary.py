@@ -163,7 +163,7 @@ def _search_markdown(search: dict[str, Any]) -> str:
     k = search["plan"]["k"]
     data = search["data"]
     text = (f"## Search ({data['dim']}-d, k={k}, batch-1 queries)\n\n"
-            f"Vectors: {data['source']}; {data['normalised']}. Queries: {data['queries']} "
+            f"Vectors: {data['source']}; {data['normalised']}.{_fidelity(data)} Queries: {data['queries']} "
             f"({search['plan']['queries']} of them). Latency: one FAISS thread, every query through every "
             f"variant in turn (interleaved); QPS all threads: {search['sizes'][0]['threads_all']} concurrent "
             f"batch-1 streams. Recall@{k} against the exact (flat) neighbours, tie-aware.\n\n")
@@ -188,6 +188,15 @@ def _search_markdown(search: dict[str, Any]) -> str:
     if api_rows:
         text += _api_markdown(api_rows)
     return text
+
+
+def _fidelity(data: dict[str, Any]) -> str:
+    f = data.get("fidelity")
+    if not f:
+        return ""
+    return (f" Shape check: the median cosine of a vector to its nearest neighbour is {f['real_median_nn_cosine']:.3f} "
+            f"among the {f['compared_vectors']:.0f} real embeddings and {f['synthetic_median_nn_cosine']:.3f} among "
+            f"as many synthetic ones.")
 
 
 def _api_markdown(rows: list[dict[str, Any]]) -> str:

@@ -39,6 +39,8 @@ def test_mixture_fitted_to_embeddings_reproduces_their_spread() -> None:
     np.testing.assert_allclose(np.linalg.norm(drawn, axis=1), 1.0, atol=1e-5)
     assert abs(nearest_centre_cosine(drawn, mixture.centres) - nearest_centre_cosine(real, mixture.centres)) < 0.05
     assert "fitted to 3000 real 32-d embeddings from test vectors" in mixture.source
+    assert mixture.fidelity is not None and mixture.fidelity["compared_vectors"] == 3000
+    assert abs(mixture.fidelity["real_median_nn_cosine"] - mixture.fidelity["synthetic_median_nn_cosine"]) < 0.1
     again = mixture.sample(3000, seed=5)
     np.testing.assert_array_equal(drawn, again)
     assert not np.array_equal(drawn, mixture.sample(3000, seed=6))
