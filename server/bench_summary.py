@@ -232,12 +232,20 @@ def _encode_markdown(encode: dict[str, Any]) -> str:
                     fmt(r["photos_per_s_encoder_only"], 1), fmt(r["batch_ms_with_decoding"]["p50"], 1)]
                    for r in encode["cloud"]])
     edge = encode["edge"]
+    if edge.get("skipped"):
+        text += f"\nEdge encoder: not measured ({edge['skipped']}).\n"
+        return text + _ingest_markdown(encode)
     text += (f"\nEdge encoder, batch 1, one thread, {edge['rounds']} interleaved rounds (photo `{edge['photo']}`):\n\n")
     text += table(["file", "model", "variant", "MB", "median ms", "p90 ms", "preprocess ms"],
                   [[r["name"], r["model_id"], r["variant"], fmt(r["size_bytes"] / 1e6, 2),
                     fmt(r["latency_ms"]["median"], 3), fmt(r["latency_ms"]["p90"], 3),
                     fmt(r["preprocess_ms"]["median"], 3)] for r in edge["models"]])
+    return text + _ingest_markdown(encode)
+
+
+def _ingest_markdown(encode: dict[str, Any]) -> str:
     ingest = encode.get("api_ingest")
+    text = ""
     if ingest:
         text += (f"\nIngest through `POST /v1/photos` (batches of {ingest['batch']}, {ingest['batches']} timed, fresh "
                  f"store, active model {ingest['model_id']}) against the bare encoder on the same batches "

@@ -178,3 +178,18 @@ def test_bench_refuses_an_unknown_part_and_a_missing_release(tmp_path: Path,
     code, _, err = run_cli(["bench", "search", "--quick", "--release", str(tmp_path / "nowhere"),
                             "--out", str(tmp_path)], capsys)
     assert code != 0 and "no release at" in err
+
+
+def test_edge_latency_is_skipped_with_a_reason_when_the_release_has_no_device_file(
+        tiny_release: Path, sample_photos: dict[str, bytes], tmp_path: Path) -> None:
+    from models.release import Release
+    from server.bench_encode import EncodeConfig, edge_latency
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(sample_photos["chelsea"])
+    config = EncodeConfig(edge_rounds=2, edge_warmup=0)
+    measured = edge_latency(tiny_release, photo, config)
+    assert {m["variant"] for m in measured["models"]} == {"device-fp32", "server"} and "skipped" not in measured
+    slim = Release.load(tiny_release).ship(tmp_path / "slim", keep={})  # every model as its server file only
+    skipped = edge_latency(slim.folder, photo, config)
+    assert skipped["models"] == [] and "no device-fp32 file" in skipped["skipped"]
