@@ -235,7 +235,8 @@ def _encode_markdown(encode: dict[str, Any]) -> str:
     if edge.get("skipped"):
         text += f"\nEdge encoder: not measured ({edge['skipped']}).\n"
         return text + _ingest_markdown(encode)
-    text += (f"\nEdge encoder, batch 1, one thread, {edge['rounds']} interleaved rounds (photo `{edge['photo']}`):\n\n")
+    text += (f"\nEdge encoder, batch 1, one thread, {edge['rounds']} interleaved rounds (photo `{edge['photo']}`)"
+             + (f"; {edge['note']}" if edge.get("note") else "") + ":\n\n")
     text += table(["file", "model", "variant", "MB", "median ms", "p90 ms", "preprocess ms"],
                   [[r["name"], r["model_id"], r["variant"], fmt(r["size_bytes"] / 1e6, 2),
                     fmt(r["latency_ms"]["median"], 3), fmt(r["latency_ms"]["p90"], 3),

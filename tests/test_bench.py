@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -182,6 +183,7 @@ def test_bench_refuses_an_unknown_part_and_a_missing_release(tmp_path: Path,
 
 def test_edge_latency_is_skipped_with_a_reason_when_the_release_has_no_device_file(
         tiny_release: Path, sample_photos: dict[str, bytes], tmp_path: Path) -> None:
+    from models.manifest import Manifest
     from models.release import Release
     from server.bench_encode import EncodeConfig, edge_latency
 
@@ -192,4 +194,13 @@ def test_edge_latency_is_skipped_with_a_reason_when_the_release_has_no_device_fi
     assert {m["variant"] for m in measured["models"]} == {"device-fp32", "server"} and "skipped" not in measured
     slim = Release.load(tiny_release).ship(tmp_path / "slim", keep={})  # every model as its server file only
     skipped = edge_latency(slim.folder, photo, config)
-    assert skipped["models"] == [] and "no device-fp32 file" in skipped["skipped"]
+    assert skipped["models"] == [] and "no device file to time" in skipped["skipped"]
+    int8_only = Release.load(tiny_release).ship(tmp_path / "int8", keep={"edge-v2": "device-fp32"}).folder
+    manifest = Manifest.load(int8_only)  # relabel the device file as int8: a release like the shipped one
+    edge = manifest.model("edge-v2")
+    relabelled = dataclasses.replace(edge, variants={"device-int8": dataclasses.replace(
+        edge.variants["device-fp32"], precision="int8")})
+    dataclasses.replace(manifest, models={**manifest.models, "edge-v2": relabelled}).save(int8_only / "manifest.json")
+    measured = edge_latency(int8_only, photo, config)
+    assert [m["name"] for m in measured["models"]] == ["edge int8", "cloud fp32"] and "device fp32" in measured["note"]
+    assert all(m["latency_ms"]["runs"] == 2 and m["size_bytes"] > 0 for m in measured["models"])
