@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from server.atomic import fsync_dir, remove_tmp_files, write_atomic
+from models.atomic import fsync_dir, remove_tmp_files, write_atomic
 from server.rwlock import RWLock
 from server.vector_index import IndexSpec, SnapshotError, SnapshotMissing, VectorIndex, read_snapshot
 

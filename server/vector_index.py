@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import faiss
 import numpy as np
 
-from server.atomic import write_atomic
+from models.atomic import write_atomic
 
 log = logging.getLogger("concord.store")
 

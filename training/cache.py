@@ -8,6 +8,7 @@ run resumes where it stopped.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from models.atomic import write_atomic
 from models.preprocess import Preprocess, load_image, preprocess
 from training.arch import build_encoder
 from training.export import to_onnx
@@ -100,12 +102,9 @@ def _read(path: Path) -> dict[str, np.ndarray]:
 def _write(path: Path, features: dict[str, np.ndarray]) -> None:
     """Atomic save: a crash leaves the previous file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, paths=json.dumps(list(features)), features=np.stack(list(features.values())))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, paths=json.dumps(list(features)), features=np.stack(list(features.values())))
+    write_atomic(path, buffer.getbuffer())
 
 
 def feature_matrix(features: dict[str, np.ndarray], paths: Sequence[str]) -> np.ndarray:

@@ -6,7 +6,7 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import os
+import io
 import time
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from models.atomic import write_atomic
 from training.arch import Encoder, build_encoder
 from training.losses import Batch, Classification, Influence, Regression, Weighted, extend_old_classifier
 
@@ -123,14 +124,11 @@ def classifier_weight(losses: Weighted) -> torch.Tensor | None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: temporary file, fsync, rename."""
+    """Write atomically: a crash leaves the previous checkpoint or this one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getbuffer())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
