@@ -124,10 +124,10 @@ def cache_recipe(models: tuple[str, ...], data_root: Path | None, paths: Paths) 
     """Compute every trunk feature the recipe needs (all photos plain; training photos in each view)."""
     bench = load_benchmark(data_root)
     photos = PhotoSet(bench.all_paths(), np.zeros(len(bench.all_paths()), dtype=np.int64))
-    for arch, resolution, views in dict.fromkeys(
-            (c.arch, c.resolution, tuple(c.views)) for c in map(recipe_config, models)):
-        features(bench, photos, arch, resolution, ["plain"], paths.cache)
-        features(bench, bench.train, arch, resolution, list(views), paths.cache)
+    for config in map(recipe_config, models):
+        features(bench, photos, config.arch, config.resolution, ["plain"], paths.cache)
+        training = bench.gallery if config.photos == "gallery" else bench.train
+        features(bench, training, config.arch, config.resolution, config.views, paths.cache)
 
 
 def recipe_protocol() -> Protocol:
