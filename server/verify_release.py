@@ -62,13 +62,14 @@ class VerifyConfig:
 
 def default_pairs(manifest: Manifest) -> list[Pair]:
     """newest edge (device file) -> oldest cloud, and newest cloud -> newest cloud (required); the newest edge's
-    fp32 server file -> oldest cloud for diagnosis (how much the device file's quantisation moves the figure)."""
+    fp32 server file (when the release ships one) -> oldest cloud for diagnosis (what quantisation moves)."""
     from server.neardup import chain, query_variant
 
     order = chain(manifest)
-    device = query_variant(manifest.model(order.new_edge))
+    edge = manifest.model(order.new_edge)
+    device = query_variant(edge)
     pairs = [Pair(order.new_edge, order.old_cloud, device), Pair(order.new_cloud, order.new_cloud, "server")]
-    if device != "server":
+    if device != "server" and edge.variants[device].file != edge.file:  # a slim release ships the device file only
         pairs.append(Pair(order.new_edge, order.old_cloud, "client-fp32", required=False))
     return pairs
 
