@@ -49,6 +49,7 @@ def test_neardup_report_on_a_small_dataset(tiny_release: Path, tmp_path: Path) -
     rows = {r["query_model"]: r for r in result["results"]}
     assert list(rows) == ["edge-v2", "edge-v1", "cloud-v2", "cloud-v1"]
     assert rows["cloud-v1"]["recall@1"] == 1.0 and rows["cloud-v1"]["median_rank"] == 1.0
+    assert rows["cloud-v1"]["control"]["recall@1"] == 1.0  # the original itself, by the gallery's own model
     assert rows["edge-v2"]["variant"] == "device-fp32" and rows["cloud-v2"]["variant"] == "server"
     assert result["protocol"]["gallery"] == 15 and len(result["queries"]) == 6
     assert result["target"]["measured"] == rows["edge-v2"]["recall@1"]
