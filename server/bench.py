@@ -14,6 +14,7 @@ Figures are medians (and percentiles) of interleaved runs; nothing here asserts 
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import tempfile
 import time
@@ -93,7 +94,7 @@ def default_sources(quick: bool = False, **given: Any) -> Sources:
     values.setdefault("release", Settings.from_env().release)
     values.setdefault("photos", default_photos())
     values.setdefault("out", DEFAULT_OUT / "quick" if quick else DEFAULT_OUT)
-    values.setdefault("work", Path(tempfile.mkdtemp(prefix="concord-bench-")))
+    values.setdefault("work", Path(tempfile.gettempdir()) / f"concord-bench-{os.getpid()}-{time.time_ns()}")
     return Sources(**values)
 
 
@@ -322,7 +323,7 @@ def run(parts: tuple[str, ...], plan: Plan, sources: Sources, keep_work: bool = 
     if unknown:
         raise ValueError(f"unknown benchmark part(s) {unknown}; choose from {', '.join(PARTS)} or all")
     results: dict[str, Any] = {}
-    sources.work.mkdir(parents=True, exist_ok=True)
+    sources.work.mkdir(parents=True, exist_ok=True)  # scratch: stores and server logs, removed at the end
     try:
         for part in PARTS:
             if part not in parts:
@@ -378,5 +379,5 @@ def main(part: str = "all", quick: bool = False, sizes: str | None = None, api: 
     print(f"concord bench {part} ({plan.name}): sizes {', '.join(f'{s:,}' for s in plan.sizes)}; reports -> "
           f"{sources.out}", flush=True)
     results = run(parts, plan, sources, keep_work)
-    print("wrote " + ", ".join(results["written"]))
+    print("wrote " + ", ".join(results["written"]) + (f"; scratch kept in {sources.work}" if keep_work else ""))
     return results
