@@ -22,12 +22,37 @@ class ManifestError(ValueError):
 
 
 @dataclass(frozen=True)
+class Fingerprint:
+    """The photo fingerprint every model of a space appends to its semantic embedding.
+
+    A model-independent descriptor computed from the pixels inside each ONNX graph (identical for every model),
+    so near-duplicates match across models. A vector is `concat(sqrt(1-weight) * s, sqrt(weight) * f)`: `s` the
+    unit semantic part (first dim - `dims` components), `f` the unit fingerprint (last `dims`). A duplicate
+    query re-weights its own vector with `duplicate_weight` (see `models.match`); stored vectors never change.
+    """
+
+    dims: int
+    weight: float
+    duplicate_weight: float
+    kind: str = "colour-layout-v1"
+
+
+@dataclass(frozen=True)
 class Space:
     """An embedding space: vectors of one dim, compared by inner product on L2-normalised vectors."""
 
     id: str
     dim: int
     metric: str = "inner_product"
+    fingerprint: Fingerprint | None = None
+    """The photo fingerprint in the last `fingerprint.dims` components; None: the vectors are semantic only."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The space's JSON form; `fingerprint` is left out when the space has none (as old releases wrote)."""
+        data: dict[str, Any] = {"id": self.id, "dim": self.dim, "metric": self.metric}
+        if self.fingerprint is not None:
+            data["fingerprint"] = vars(self.fingerprint).copy()
+        return data
 
 
 @dataclass(frozen=True)
@@ -84,7 +109,7 @@ class Manifest:
         return {
             "schema": SCHEMA_VERSION,
             "release": self.release,
-            "spaces": [vars(space) for space in self.spaces.values()],
+            "spaces": [space.to_dict() for space in self.spaces.values()],
             "models": [_entry_to_dict(entry) for entry in self.models.values()],
         }
 
@@ -95,8 +120,10 @@ class Manifest:
         spaces = {}
         for i, raw in enumerate(_get(data, "spaces", list, "manifest")):
             where = f"spaces[{i}]"
-            space = Space(id=_get(raw, "id", str, where), dim=_positive(raw, "dim", where),
-                          metric=_get(raw, "metric", str, where, "inner_product"))
+            dim = _positive(raw, "dim", where)
+            space = Space(id=_get(raw, "id", str, where), dim=dim,
+                          metric=_get(raw, "metric", str, where, "inner_product"),
+                          fingerprint=_fingerprint(raw, where, dim))
             if space.metric != "inner_product":
                 raise ManifestError(f"{where}.metric: only 'inner_product' is supported, got {space.metric!r}")
             spaces[space.id] = space
@@ -135,6 +162,28 @@ class Manifest:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         tmp.replace(path)
+
+
+def _fingerprint(raw: dict[str, Any], where: str, dim: int) -> Fingerprint | None:
+    """A space's optional `fingerprint` object, checked: 0 < dims < the space's dim, both weights in (0, 1)."""
+    if raw.get("fingerprint") is None:
+        return None
+    data = _get(raw, "fingerprint", dict, where)
+    where = f"{where}.fingerprint"
+    dims = _positive(data, "dims", where)
+    if dims >= dim:
+        raise ManifestError(f"{where}.dims: must be smaller than the space's dim {dim} (the rest is the semantic "
+                            f"part), got {dims}")
+    return Fingerprint(dims=dims, weight=_fraction(data, "weight", where),
+                       duplicate_weight=_fraction(data, "duplicate_weight", where),
+                       kind=_get(data, "kind", str, where, "colour-layout-v1"))
+
+
+def _fraction(data: dict[str, Any], key: str, where: str) -> float:
+    value = _get(data, key, object, where)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+        raise ManifestError(f"{where}.{key}: must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
 
 
 def _entry_to_dict(entry: ModelEntry) -> dict[str, Any]:
