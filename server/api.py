@@ -3,8 +3,12 @@
 Status codes: 401 no API key, 403 a wrong one; 404 an unknown photo (and an unknown model to upgrade to);
 409 a query model this gallery cannot be searched with (unknown to the release, another space, or not joined
 by lineage) and an upgrade the compatibility gate refuses; 413 a request too large; 415 a file that is no
-image by its bytes; 422 a photo that cannot be decoded (truncated, decompression bomb) and an embedding of
-the wrong dim, not finite or not unit norm.
+image by its bytes; 422 a photo that cannot be decoded (truncated, decompression bomb), an embedding of
+the wrong dim, not finite or not unit norm, an unknown `match`, and `match=duplicate` in a space without
+a photo fingerprint.
+
+Every search takes `match`: `similar` (default; what the photo shows) or `duplicate` (the same photo, cropped,
+resized or re-saved: the query's pixel fingerprint counts as much as its semantic part; see `models.match`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from models.match import Match
 from server.security import check_key
 from server.service import (
     MAX_K,
@@ -117,8 +122,13 @@ class HitOut(BaseModel):
     added_at: datetime
 
 
+MATCH_HELP = ("similar (default): photos that show the same kind of thing; duplicate: the same photo (cropped, "
+              "resized, re-saved), which needs a release whose space has a photo fingerprint.")
+
+
 class SearchResponse(BaseModel):
     query_model: str
+    match: Match = Field(description="How the query matched: similar or duplicate.")
     k: int
     offset: int
     searched_models: list[str] = Field(description="Gallery models whose vectors this query model may search.")
@@ -134,6 +144,7 @@ class Filters(BaseModel):
     filter: dict[str, Scalar] | None = Field(None, description="Metadata equality: every key must equal its value.")
     added_after: datetime | None = Field(None, description="Only photos added after this time (ISO 8601 or unix).")
     added_before: datetime | None = None
+    match: Match = Field("similar", description=MATCH_HELP)
 
 
 class EmbeddingQuery(Filters):
@@ -163,11 +174,11 @@ def _time(value: float | datetime | None) -> float | None:
 
 
 def _query(f: Filters) -> SearchQuery:
-    return SearchQuery(f.k, f.offset, f.filter, _time(f.added_after), _time(f.added_before))
+    return SearchQuery(f.k, f.offset, f.filter, _time(f.added_after), _time(f.added_before), f.match)
 
 
 def _search_response(answer: SearchAnswer, query: SearchQuery) -> SearchResponse:
-    return SearchResponse(query_model=answer.query_model, k=query.k, offset=query.offset,
+    return SearchResponse(query_model=answer.query_model, match=query.match, k=query.k, offset=query.offset,
                           searched_models=answer.searched, skipped_models=answer.skipped,
                           hits=[HitOut(id=h.id, score=h.score, model_id=h.model_id, metadata=h.metadata,
                                        added_at=_datetime(h.added_at)) for h in answer.hits])
@@ -287,9 +298,11 @@ async def similar_photos(
                                                     '{"album": "2024"}.')] = None,
     added_after: Annotated[datetime | None, Query()] = None,
     added_before: Annotated[datetime | None, Query()] = None,
+    match: Annotated[Match, Query(description=MATCH_HELP)] = "similar",
 ) -> SearchResponse:
-    """More like this: photos nearest to a stored photo (itself left out), searched with its own vector."""
-    query = SearchQuery(k, offset, _filter(filter), _time(added_after), _time(added_before))
+    """More like this: photos nearest to a stored photo (itself left out), searched with its own vector
+    (with `match=duplicate`: other copies of the same photo first)."""
+    query = SearchQuery(k, offset, _filter(filter), _time(added_after), _time(added_before), match)
     return _search_response(await run_in_threadpool(service.similar, photo_id, query), query)
 
 
@@ -313,9 +326,10 @@ async def search_photo(
     filter: Annotated[str | None, Form(description="JSON object of metadata equality filters.")] = None,
     added_after: Annotated[datetime | None, Form()] = None,
     added_before: Annotated[datetime | None, Form()] = None,
+    match: Annotated[Match, Form(description=MATCH_HELP)] = "similar",
 ) -> SearchResponse:
     """Search with a photo: the server encodes it with the active cloud model."""
-    query = SearchQuery(k, offset, _filter(filter), _time(added_after), _time(added_before))
+    query = SearchQuery(k, offset, _filter(filter), _time(added_after), _time(added_before), match)
     data = await file.read()
     answer = await run_in_threadpool(service.search_photo, data, query, file.filename or "photo")
     return _search_response(answer, query)

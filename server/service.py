@@ -11,7 +11,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from PIL import Image
 from models.gate import check_gate
 from models.lineage import explain_incompatible, searchable_galleries
 from models.manifest import Manifest, ModelEntry
+from models.match import MATCHES, Match, query_vectors
 from models.preprocess import ImageError, load_image
 from models.release import Release
 from server.metrics import Metrics
@@ -84,13 +85,15 @@ class Added:
 
 @dataclass(frozen=True)
 class SearchQuery:
-    """Paging and filters of a search: metadata equality (`where`) and a date-added range (unix seconds)."""
+    """Paging and filters of a search: metadata equality (`where`), a date-added range (unix seconds), and how the
+    query matches (`similar`: what the photo shows; `duplicate`: the same photo, see `models.match`)."""
 
     k: int = 10
     offset: int = 0
     where: dict[str, Any] | None = None
     added_after: float | None = None
     added_before: float | None = None
+    match: Match = "similar"
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ class Service:
                       kind: str = "embedding") -> SearchAnswer:
         """Search with an embedding made by `model_id`, over every gallery model it is comparable with."""
         entry = self._query_entry(model_id)
-        vector = check_vector(values, entry)
+        vector = self._match(check_vector(values, entry), entry, query.match)
         searched, skipped = self._galleries(model_id)
         hits: list[Hit] = []
         if searched:
@@ -257,10 +260,18 @@ class Service:
         vector = self.store.vector(photo_id)
         if vector is None:
             raise NotFound(f"photo {photo_id} has no vector")
-        wider = SearchQuery(query.offset + query.k + 1, 0, query.where, query.added_after, query.added_before)
+        wider = replace(query, k=query.offset + query.k + 1, offset=0)
         answer = self.search_vector(vector, record.model_id, wider, kind="similar")
         hits = [h for h in answer.hits if h.id != photo_id][query.offset:query.offset + query.k]
         return SearchAnswer(answer.query_model, answer.searched, answer.skipped, hits)
+
+    def _match(self, vector: np.ndarray, entry: ModelEntry, match: str) -> np.ndarray:
+        """The query vector re-weighted for `match` (the one place it happens; stored vectors are never touched);
+        422 for an unknown match or `duplicate` in a space without a photo fingerprint."""
+        try:
+            return query_vectors(vector, self.manifest.spaces[entry.space], match)
+        except ValueError as err:
+            raise Unprocessable(str(err)) from None
 
     def _query_entry(self, model_id: str) -> ModelEntry:
         if model_id not in self.manifest.models:
@@ -304,6 +315,8 @@ class Service:
                 "metrics": entry.metrics, "card": entry.card,
             })
         spaces = [{"id": s.id, "dim": s.dim, "metric": s.metric,
+                   "fingerprint": vars(s.fingerprint).copy() if s.fingerprint else None,
+                   "matches": list(MATCHES) if s.fingerprint else ["similar"],
                    "models": sorted(e.id for e in manifest.models.values() if e.space == s.id)}
                   for s in manifest.spaces.values()]
         lineage = [{"model": e.id, "parent": p} for e in manifest.models.values() for p in e.parents]

@@ -143,8 +143,8 @@ def test_models_and_stats_describe_the_release(client: TestClient, sample_photos
     assert by_id["edge-v2"]["parents"] == ["cloud-v2", "edge-v1"]
     assert "cloud-v1" in by_id["edge-v2"]["searches"]
     assert {"model": "cloud-v2", "parent": "cloud-v1"} in models["lineage"]
-    assert models["spaces"] == [{"id": "tiny", "dim": 32, "metric": "inner_product",
-                                 "models": ["cloud-v1", "cloud-v2", "edge-v1", "edge-v2"]}]
+    assert models["spaces"] == [{"id": "tiny", "dim": 32, "metric": "inner_product", "fingerprint": None,
+                                 "matches": ["similar"], "models": ["cloud-v1", "cloud-v2", "edge-v1", "edge-v2"]}]
     stats = client.get("/v1/stats").json()
     assert stats["photos"] == 1 and stats["vectors"] == {"cloud-v1": 1} and stats["active_model"] == "cloud-v1"
 
