@@ -122,6 +122,9 @@ def query(
     model: ModelOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.")] = False,
+    match: Annotated[str, typer.Option(help="similar: photos like this one; duplicate: this same photo, cropped, "
+                                       "resized or re-saved (needs a release whose space has a photo "
+                                       "fingerprint).")] = "similar",
 ) -> None:
     """Encode a photo on this device, send only its embedding to the server, print the hits."""
     from edge.choice import release_dir
@@ -130,15 +133,15 @@ def query(
     try:
         encoded = encode_photos(release_dir(release), [photo], model)
         with SearchClient(server, api_key, timeout) as client:
-            found = client.search_embedding(encoded.vectors[0], encoded.model_id, k)
+            found = client.search_embedding(encoded.vectors[0], encoded.model_id, k, match)
     except _user_errors() as err:
         _explain(err)
     if as_json:
-        print(json.dumps({"model_id": encoded.model_id, "variant": encoded.variant,
+        print(json.dumps({"model_id": encoded.model_id, "variant": encoded.variant, "match": match,
                           "hits": [vars(h) for h in found.hits], "searched_models": found.searched_models,
                           "skipped_models": found.skipped_models}, indent=2))
     else:
-        print(f"encoded {photo} on this device with {encoded.model_id} ({encoded.variant})")
+        print(f"encoded {photo} on this device with {encoded.model_id} ({encoded.variant}); match: {match}")
         print(format_hits(found))
 
 

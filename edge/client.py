@@ -1,7 +1,8 @@
 """The device side of a search: encode photos here, send only their embeddings to a Concord server.
 
 `encode_photos` runs the edge encoder of a release (int8 when quantised); `SearchClient` posts an
-embedding to `POST /v1/search/embedding` and returns the hits. The photo's bytes never leave the device.
+embedding to `POST /v1/search/embedding` (match `similar` or `duplicate`) and returns the hits. The photo's
+bytes never leave the device.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import httpx
 import numpy as np
 
 from edge.choice import device_variant, newest
+from models.match import MATCHES
 from models.preprocess import load_image
 
 SEARCH_PATH = "/v1/search/embedding"
@@ -88,12 +90,19 @@ class SearchClient:
     def close(self) -> None:
         self._http.close()
 
-    def search_embedding(self, vector: np.ndarray, model_id: str, k: int = 10) -> SearchResult:
-        """Search the gallery with one embedding made by `model_id`; return the hits, best first."""
+    def search_embedding(self, vector: np.ndarray, model_id: str, k: int = 10, match: str = "similar"
+                         ) -> SearchResult:
+        """Search the gallery with one embedding made by `model_id`; return the hits, best first.
+
+        `match="duplicate"` asks for the same photo (cropped, resized, re-saved) rather than similar ones; the
+        server re-weights the query (it needs a release whose space has a photo fingerprint).
+        """
         vector = np.asarray(vector, dtype=np.float32)
         if vector.ndim != 1 or not np.all(np.isfinite(vector)):
             raise SearchError(f"expected one finite embedding vector, got shape {vector.shape}")
-        body = {"vector": [float(x) for x in vector], "model_id": model_id, "k": int(k)}
+        if match not in MATCHES:
+            raise SearchError(f"unknown match {match!r}; use one of {', '.join(MATCHES)}")
+        body = {"vector": [float(x) for x in vector], "model_id": model_id, "k": int(k), "match": match}
         answer = self._post(SEARCH_PATH, body)
         try:
             hits = [Hit(id=int(h["id"]), score=float(h["score"]), model_id=str(h["model_id"]),

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from edge.client import SearchClient, SearchError, encode_photos
+from models.manifest import Manifest
 from tests.edge_helpers import run_cli, write_photos
 
 
@@ -79,10 +80,11 @@ def test_query_sends_only_a_unit_embedding_made_on_the_device(
     assert request["headers"]["X-API-Key"] == "s3cret"
     assert request["headers"]["Content-Type"] == "application/json"
     body = json.loads(request["raw"])
-    assert set(body) == {"vector", "model_id", "k"}  # no photo, no file name, nothing else
-    assert body["model_id"] == "edge-v2" and body["k"] == 5
+    assert set(body) == {"vector", "model_id", "k", "match"}  # no photo, no file name, nothing else
+    assert body["model_id"] == "edge-v2" and body["k"] == 5 and body["match"] == "similar"
     vector = np.array(body["vector"], dtype=np.float64)
-    assert vector.shape == (32,) and np.all(np.isfinite(vector))
+    dim = Manifest.load(tiny_release).model("edge-v2").dim
+    assert vector.shape == (dim,) and np.all(np.isfinite(vector))
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
     local = encode_photos(tiny_release, [photos[1]]).vectors[0]
     assert float(vector @ local) == pytest.approx(1.0, abs=1e-5)  # the device's own encoding of that photo
@@ -99,6 +101,20 @@ def test_search_client_returns_hits(fake_server: FakeServer) -> None:
     assert [(h.id, h.model_id) for h in found.hits] == [(7, "cloud-v1"), (3, "cloud-v2")]
     assert found.hits[0].metadata == {"caption": "a cat"} and found.searched_models == ["cloud-v1", "cloud-v2"]
     assert "X-API-Key" not in fake_server.requests[0]["headers"]  # no key given, none sent
+
+
+def test_query_passes_the_match_through(tiny_release: Path, photos: list[Path], fake_server: FakeServer,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    fake_server.answer = {**HITS, "match": "duplicate"}
+    code, out, err = run_cli(["query", str(photos[0]), "--server", fake_server.url, "--match", "duplicate",
+                              "--release", str(tiny_release), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(fake_server.requests[0]["raw"])["match"] == "duplicate"
+    assert json.loads(out)["match"] == "duplicate"
+    code, _, err = run_cli(["query", str(photos[0]), "--server", fake_server.url, "--match", "exact",
+                            "--release", str(tiny_release)], capsys)
+    assert code == 1 and "unknown match 'exact'; use one of similar, duplicate" in err
+    assert len(fake_server.requests) == 1  # the unknown match never reached the server
 
 
 def test_search_client_refuses_a_non_finite_vector(fake_server: FakeServer) -> None:
