@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from models.manifest import Space
+from models.manifest import Fingerprint, Space
 
 Match = Literal["similar", "duplicate"]
 MATCHES: tuple[str, ...] = get_args(Match)
@@ -29,21 +29,39 @@ def query_vectors(vectors: np.ndarray, space: Space, match: str) -> np.ndarray:
     """
     if match not in MATCHES:
         raise ValueError(f"unknown match {match!r}; use one of {', '.join(MATCHES)}")
+    x = _fit(vectors, space)
+    if match == "similar":
+        return x
+    semantic, fingerprint = parts(x, space)
+    b = _fingerprint(space).duplicate_weight
+    out = np.concatenate([np.sqrt(1 - b) * semantic, np.sqrt(b) * fingerprint], axis=1)
+    return _unit(out).astype(np.float32).reshape(x.shape)  # unit already unless one part was zero
+
+
+def parts(vectors: np.ndarray, space: Space) -> tuple[np.ndarray, np.ndarray]:
+    """The unit semantic parts [N, dim - k] and unit fingerprints [N, k] of rows of `space` (zero parts stay zero).
+
+    What `query_vectors` re-weights, and what a report scores alone to show how much the pixels decide.
+    """
+    rows = np.atleast_2d(_fit(vectors, space))
+    split = space.dim - _fingerprint(space).dims
+    return _unit(rows[:, :split]), _unit(rows[:, split:])
+
+
+def _fit(vectors: np.ndarray, space: Space) -> np.ndarray:
+    """`vectors` as float32, refused unless shaped [N, dim] or [dim] of `space`."""
     x = np.asarray(vectors, dtype=np.float32)
     if x.ndim not in (1, 2) or x.shape[-1] != space.dim:
         raise ValueError(f"query vectors of shape {list(x.shape)} do not fit space {space.id!r}: expected "
                          f"[N, {space.dim}] or [{space.dim}]")
-    if match == "similar":
-        return x
-    fingerprint = space.fingerprint
-    if fingerprint is None:
+    return x
+
+
+def _fingerprint(space: Space) -> Fingerprint:
+    if space.fingerprint is None:
         raise ValueError(f"space {space.id!r} carries no photo fingerprint; duplicate matching needs a release "
                          f"whose space has one")
-    rows = np.atleast_2d(x)
-    split = space.dim - fingerprint.dims
-    b = fingerprint.duplicate_weight
-    out = np.concatenate([np.sqrt(1 - b) * _unit(rows[:, :split]), np.sqrt(b) * _unit(rows[:, split:])], axis=1)
-    return _unit(out).astype(np.float32).reshape(x.shape)  # unit already unless one part was zero
+    return space.fingerprint
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:

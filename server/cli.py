@@ -153,7 +153,8 @@ def neardup(
     = None,
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads")] = None,
 ) -> None:
-    """Near-duplicate search: does each query model find the original photo in the cloud gallery?"""
+    """Near-duplicate search: does each query model find the original photo in the cloud gallery, in duplicate
+    and similar match (and by the photo fingerprint alone)?"""
     from server.neardup import main
 
     raise typer.Exit(main(release, data, out, cache, queries, seed, gallery_model, threads))

@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from models.manifest import Manifest, ModelEntry, ModelFile, Space
+from models.manifest import Fingerprint, Manifest, ModelEntry, ModelFile, Space
 from models.preprocess import Preprocess
 from models.release import sha256_file
 
 TINY_DIM = 32
 SPACE = "tiny"
+TINY_FINGERPRINT = Fingerprint(dims=48, weight=0.02, duplicate_weight=0.98, kind="tiny-colour-layout")
+"""The tiny photo fingerprint: a 4x4 colour layout (3 x 16 values), mean-removed and unit, as in `Fingerprinted`."""
 
 
 class TinyEncoder(nn.Module):
@@ -41,6 +43,21 @@ class TinyEncoder(nn.Module):
         return F.normalize(x @ self.proj.T, dim=-1)
 
 
+class Fingerprinted(nn.Module):
+    """A model of a fingerprinted space: concat(sqrt(1-w) * semantic, sqrt(w) * fingerprint), the fingerprint a
+    4x4 colour layout of the pixels that is the same for every model (each resolution pools to the same 4x4)."""
+
+    def __init__(self, semantic: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.semantic = semantic
+        self.weight = weight
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        layout = F.adaptive_avg_pool2d(image, 4).flatten(1)
+        fingerprint = F.normalize(layout - layout.mean(dim=1, keepdim=True), dim=-1)
+        return torch.cat([(1 - self.weight) ** 0.5 * self.semantic(image), self.weight ** 0.5 * fingerprint], dim=1)
+
+
 TINY_MODELS = [
     # id, role, version, parents, resolution, seed, drift
     ("cloud-v1", "cloud", 1, [], 64, 1, 0.0),
@@ -60,26 +77,31 @@ def tiny_metrics(model_id: str) -> dict[str, object]:
     return {"benchmark": "tiny", "matrix": matrix}
 
 
-def build_tiny_release(folder: Path) -> Path:
-    """Export the four tiny models (server fp32 + device batch-1 files) and write manifest.json."""
+def build_tiny_release(folder: Path, fingerprint: Fingerprint | None = None) -> Path:
+    """Export the four tiny models (server fp32 + device batch-1 files) and write manifest.json; with a
+    `fingerprint`, every model appends it (`Fingerprinted`) and the space declares it."""
     folder.mkdir(parents=True, exist_ok=True)
     from training.export import to_onnx
 
+    dim = TINY_DIM + (fingerprint.dims if fingerprint else 0)
     entries = {}
     for model_id, role, version, parents, resolution, seed, drift in TINY_MODELS:
-        module = TinyEncoder(seed, drift)
+        module: nn.Module = TinyEncoder(seed, drift)
+        if fingerprint:
+            module = Fingerprinted(module, fingerprint.weight)
         server = to_onnx(module, folder / f"{model_id}.onnx", resolution)
         variants = {}
         if role == "edge":
             device = to_onnx(module, folder / f"{model_id}.device.onnx", resolution, batch=1)
             variants["device-fp32"] = ModelFile(device.name, sha256_file(device), batch=1)
         entries[model_id] = ModelEntry(
-            id=model_id, role=role, space=SPACE, dim=TINY_DIM, version=version, parents=tuple(parents),
+            id=model_id, role=role, space=SPACE, dim=dim, version=version, parents=tuple(parents),
             file=server.name, sha256=sha256_file(server),
             preprocess=Preprocess(resize=resolution, crop=resolution), arch="tiny",
             variants=variants, metrics=tiny_metrics(model_id), card={"note": "test model"},
         )
-    manifest = Manifest(spaces={SPACE: Space(SPACE, TINY_DIM)}, models=entries, release="tiny-test")
+    manifest = Manifest(spaces={SPACE: Space(SPACE, dim, fingerprint=fingerprint)}, models=entries,
+                        release="tiny-fingerprint-test" if fingerprint else "tiny-test")
     manifest.save(folder / "manifest.json")
     return folder
 
@@ -88,6 +110,12 @@ def build_tiny_release(folder: Path) -> Path:
 def tiny_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A release folder of four tiny compatible ONNX models (never modify it; copy it to tamper)."""
     return build_tiny_release(tmp_path_factory.mktemp("release"))
+
+
+@pytest.fixture(scope="session")
+def fingerprinted_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny release whose models append a real photo fingerprint (`TINY_FINGERPRINT`; never modify it)."""
+    return build_tiny_release(tmp_path_factory.mktemp("fingerprinted"), TINY_FINGERPRINT)
 
 
 @pytest.fixture(scope="session")

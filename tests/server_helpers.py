@@ -16,7 +16,6 @@ import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from models.manifest import Fingerprint, Manifest, ModelEntry, Space
+from models.manifest import Manifest, ModelEntry, Space
 from server.settings import Settings
 
 API_KEY = "test-key-123"
@@ -101,16 +100,6 @@ def release_with_misfits(tiny_release: Path, folder: Path) -> Path:
     }
     spaces = {**manifest.spaces, "other": Space("other", base.dim)}
     Manifest(spaces=spaces, models={**manifest.models, **extra}, release="tiny-misfits").save(folder)
-    return folder
-
-
-def release_with_fingerprint(tiny_release: Path, folder: Path, dims: int = 8) -> Path:
-    """A copy of the tiny release whose space declares its last `dims` components a photo fingerprint (w 0.02,
-    duplicate weight 0.98). The tiny encoders compute no real fingerprint: this tests how queries are re-weighted."""
-    shutil.copytree(tiny_release, folder)
-    manifest = Manifest.load(folder)
-    spaces = {sid: replace(space, fingerprint=Fingerprint(dims, 0.02, 0.98)) for sid, space in manifest.spaces.items()}
-    Manifest(spaces=spaces, models=manifest.models, release="tiny-fingerprint").save(folder)
     return folder
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.manifest import Fingerprint, Space
-from models.match import MATCHES, query_vectors
+from models.match import MATCHES, parts, query_vectors
 
 SEMANTIC, PRINT = 24, 8
 W, B = 0.02, 0.98
@@ -100,3 +100,13 @@ def test_errors_name_the_problem() -> None:
         query_vectors(np.zeros((1, 31)), SPACE, "similar")
     with pytest.raises(ValueError, match="do not fit"):
         query_vectors(np.zeros((2, 2, SPACE.dim)), SPACE, "duplicate")
+
+
+def test_parts_are_the_unit_semantic_part_and_fingerprint() -> None:
+    rng = np.random.default_rng(4)
+    sem, fp = rng.standard_normal((3, SEMANTIC)), rng.standard_normal((3, PRINT))
+    semantic, fingerprint = parts(stored(sem, fp), SPACE)
+    np.testing.assert_allclose(semantic, unit(sem), atol=1e-6)
+    np.testing.assert_allclose(fingerprint, unit(fp), atol=1e-6)
+    with pytest.raises(ValueError, match="carries no photo fingerprint"):
+        parts(stored(sem, fp), PLAIN)

@@ -18,7 +18,8 @@ from models.match import query_vectors
 from models.neardup import near_duplicate
 from models.release import Release
 from server.settings import DEFAULT_RELEASE, Settings
-from tests.server_helpers import WRITE, add_photos, in_process, release_with_fingerprint, tiny_settings
+from tests.conftest import TINY_FINGERPRINT
+from tests.server_helpers import WRITE, add_photos, in_process, tiny_settings
 
 NO_FINGERPRINT = "carries no photo fingerprint; duplicate matching needs a release whose space has one"
 
@@ -31,11 +32,10 @@ def plain(tiny_release: Path, tmp_path: Path) -> Iterator[TestClient]:
 
 
 @pytest.fixture
-def printed(tiny_release: Path, tmp_path: Path) -> Iterator[tuple[TestClient, Path]]:
-    """A server on a copy of the tiny release whose space declares a fingerprint, and that release's folder."""
-    folder = release_with_fingerprint(tiny_release, tmp_path / "release")
-    with in_process(tiny_settings(folder, tmp_path)) as client:
-        yield client, folder
+def printed(fingerprinted_release: Path, tmp_path: Path) -> Iterator[tuple[TestClient, Path]]:
+    """A server on the tiny release whose models append a photo fingerprint, and that release's folder."""
+    with in_process(tiny_settings(fingerprinted_release, tmp_path)) as client:
+        yield client, fingerprinted_release
 
 
 def searches(client: TestClient, photo: bytes, photo_id: int, vector: list[float], match: str
@@ -112,33 +112,49 @@ def test_duplicate_reweights_the_query_and_never_the_stored_vectors(
     assert answers["photo"].json()["hits"][0]["id"] == ids[list(sample_photos).index("coffee")]
 
     models = client.get("/v1/models").json()
-    assert models["spaces"][0]["fingerprint"] == {"dims": 8, "weight": 0.02, "duplicate_weight": 0.98,
-                                                  "kind": "colour-layout-v1"}
+    assert models["spaces"][0]["fingerprint"] == vars(TINY_FINGERPRINT)
     assert models["spaces"][0]["matches"] == ["similar", "duplicate"]
+
+
+def duplicate_top_hits(release: Path, data_dir: Path, photos: dict[str, bytes]) -> dict[str, str]:
+    """Index `photos` with cloud-v1 through the server; search a near-duplicate of each (cropped, resized, JPEG)
+    made by edge-v2's device file in duplicate match; return photo name -> name of the top hit."""
+    from edge.choice import device_variant
+
+    manifest = Manifest.load(release)
+    dim = manifest.model("edge-v2").dim
+    edge = Release.load(release).encoder("edge-v2", device_variant(manifest.model("edge-v2")))
+    rng = np.random.default_rng(0)
+    settings = Settings(release=release, data_dir=data_dir, model="cloud-v1", api_key=WRITE["X-API-Key"])
+    top = {}
+    with in_process(settings) as client:
+        added = add_photos(client, photos)
+        assert {a["model_id"] for a in added} == {"cloud-v1"}
+        names = {a["id"]: name for a, name in zip(added, photos, strict=True)}
+        for name, data in photos.items():
+            copy, _ = near_duplicate(Image.open(io.BytesIO(data)).convert("RGB"), rng)
+            vector = edge.encode_images([Image.open(io.BytesIO(copy)).convert("RGB")])[0]
+            assert vector.shape == (dim,)
+            answer = client.post("/v1/search/embedding", json={"vector": vector.tolist(), "model_id": "edge-v2",
+                                                               "match": "duplicate", "k": 3})
+            assert answer.status_code == 200, answer.text
+            top[name] = names[answer.json()["hits"][0]["id"]]
+    return top
+
+
+def test_duplicate_finds_the_original_from_the_edge(fingerprinted_release: Path, sample_photos: dict[str, bytes],
+                                                    tmp_path: Path) -> None:
+    top = duplicate_top_hits(fingerprinted_release, tmp_path / "data", sample_photos)
+    assert top == {name: name for name in sample_photos}
 
 
 def test_shipped_release_duplicate_finds_the_original_from_the_edge(
         sample_photos: dict[str, bytes], tmp_path: Path) -> None:
-    """End to end: an edge-v2 (device file) near-duplicate finds its original in a cloud-v1 gallery."""
+    """End to end with the shipped release: an edge-v2 near-duplicate finds its original in a cloud-v1 gallery."""
     manifest = Manifest.load(DEFAULT_RELEASE)
     space = manifest.spaces[manifest.model("edge-v2").space]
     if space.fingerprint is None:
-        pytest.skip(f"the shipped release's space {space.id!r} has no photo fingerprint yet")
-    from edge.choice import device_variant
-
-    settings = Settings(release=DEFAULT_RELEASE, data_dir=tmp_path / "data", model="cloud-v1",
-                        api_key=WRITE["X-API-Key"])
-    edge = Release.load(DEFAULT_RELEASE).encoder("edge-v2", device_variant(manifest.model("edge-v2")))
-    rng = np.random.default_rng(0)
-    with in_process(settings) as client:
-        added = add_photos(client, sample_photos)
-        assert {a["model_id"] for a in added} == {"cloud-v1"}
-        ids = {a["id"]: name for a, name in zip(added, sample_photos, strict=True)}
-        for name, data in sample_photos.items():
-            copy, _ = near_duplicate(Image.open(io.BytesIO(data)).convert("RGB"), rng)
-            vector = edge.encode_images([Image.open(io.BytesIO(copy)).convert("RGB")])[0]
-            assert vector.shape == (space.dim,)
-            answer = client.post("/v1/search/embedding", json={"vector": vector.tolist(), "model_id": "edge-v2",
-                                                               "match": "duplicate", "k": 3})
-            assert answer.status_code == 200, answer.text
-            assert ids[answer.json()["hits"][0]["id"]] == name
+        pytest.skip(f"the shipped release's space {space.id!r} has no photo fingerprint yet (duplicate match "
+                    f"needs one)")
+    top = duplicate_top_hits(Path(DEFAULT_RELEASE), tmp_path / "data", sample_photos)
+    assert top == {name: name for name in sample_photos}
