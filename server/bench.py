@@ -51,7 +51,8 @@ class Plan:
     upgrade_repeats: int
     index: IndexConfig = field(default_factory=IndexConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
-    dim: int = 256
+    dim: int | None = None
+    """Dim of the search benchmark's vectors; None: the release's (its manifest), which real embeddings must have."""
     k: int = 10
     components: int = 100
     api_max: int = 1_000_000
@@ -115,7 +116,7 @@ def run_search(plan: Plan, sources: Sources, upgrade_to: str | None = None) -> d
     from server.bench_search import bench_size, best_approximate
 
     threads = usable_cores()
-    mixture = mixture_for(plan.dim, plan.components, sources.seed, sources.embeddings)
+    mixture = mixture_for(search_dim(plan, sources), plan.components, sources.seed, sources.embeddings)
     gallery = mixture.sample(max(plan.sizes), sources.seed + 1)
     queries = mixture.sample(plan.queries, sources.seed + 2)
     result = report_head(plan, sources)
@@ -198,6 +199,11 @@ def _cloud_models(release: Path) -> tuple[str, str]:
     return cloud_pair(Release.load(release, verify=False))
 
 
+def search_dim(plan: Plan, sources: Sources) -> int:
+    """The search benchmark's dim: the plan's when set, else the release's."""
+    return plan.dim or _release_dim(sources.release)
+
+
 def _release_dim(release: Path) -> int:
     from models.manifest import Manifest
 
@@ -236,8 +242,8 @@ def _ensure_store(plan: Plan, sources: Sources, size: int,
 def _upgrade_vectors(plan: Plan, sources: Sources, size: int) -> tuple[np.ndarray, str]:
     """Vectors for an upgrade-only store: the search benchmark's mixture at the release's dim."""
     dim = _release_dim(sources.release)
-    mixture = (mixture_for(dim, plan.components, sources.seed, sources.embeddings) if dim == plan.dim
-               else _store_mixture(plan, sources, dim))
+    mixture = (mixture_for(dim, plan.components, sources.seed, sources.embeddings)
+               if dim == search_dim(plan, sources) else _store_mixture(plan, sources, dim))
     return mixture.sample(size, sources.seed + 1), f"{dim}-d: {mixture.source}"
 
 
@@ -323,6 +329,7 @@ def run(parts: tuple[str, ...], plan: Plan, sources: Sources, keep_work: bool = 
     if unknown:
         raise ValueError(f"unknown benchmark part(s) {unknown}; choose from {', '.join(PARTS)} or all")
     results: dict[str, Any] = {}
+    plan = replace(plan, dim=search_dim(plan, sources))  # the reports record the dim that ran
     sources.work.mkdir(parents=True, exist_ok=True)  # scratch: stores and server logs, removed at the end
     try:
         for part in PARTS:

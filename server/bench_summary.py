@@ -199,9 +199,10 @@ def _search_markdown(search: dict[str, Any]) -> str:
             mem_rows.append([f"{row['gallery']:,}", m["type"], fmt(m["serialized_mb_per_million"], 0),
                              fmt(m["rss_delta_mb_per_million"], 0), fmt(m["build_s"], 2)])
     text += table(["gallery", "index", "serialised MiB / 1M", "RSS delta MiB / 1M", "build s"], mem_rows)
+    dim = search["plan"]["dim"]
     text += ("\nSerialised size: `faiss.serialize_index`. RSS delta: the process's resident memory after the "
-             "build minus before (large frees go back to the OS first); raw float32 vectors are 977 MiB "
-             "per million at 256-d.\n\n")
+             f"build minus before (large frees go back to the OS first); raw float32 vectors are "
+             f"{dim * 4e6 / 2**20:.0f} MiB per million at {dim}-d.\n\n")
     api_rows = [r for r in search["sizes"] if r.get("api")]
     if api_rows:
         text += _api_markdown(api_rows)
