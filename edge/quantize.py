@@ -181,7 +181,7 @@ def _quantize_file(source: Path, target: Path, reader: PhotoCalibrationReader, c
         model = onnx.load(str(model_path))
         _name_nodes(model)
         onnx.save(model, str(model_path))
-        exclude = _tail_nodes(model) if config.keep_output_float else []
+        exclude = _float_nodes(model) if config.keep_output_float else []
         partial = Path(tmp) / target.name
         try:
             # CalibStridedMinMax: calibrate chunk by chunk (any method), merging ranges, so memory stays
@@ -224,11 +224,16 @@ def _name_nodes(model: Any) -> None:
             taken.add(name)
 
 
-def _tail_nodes(model: Any) -> list[str]:
-    """Names of the nodes after the last MatMul/Gemm/Conv: the output normalisation, kept in float."""
+def _float_nodes(model: Any) -> list[str]:
+    """Names of the nodes kept in float: the space's photo fingerprint (a colour histogram that int8 would
+    blur, and that must match the cloud's bit for bit in practice), and every node after the semantic head's
+    last MatMul/Gemm/Conv (the output normalisation and assembly)."""
     nodes = list(model.graph.node)
-    last = max((i for i, node in enumerate(nodes) if node.op_type in HEAD_OPS), default=None)
-    return [] if last is None else [node.name for node in nodes[last + 1:]]
+    fingerprint = {node.name for node in nodes if "fingerprint" in node.name}
+    last = max((i for i, node in enumerate(nodes) if node.op_type in HEAD_OPS and node.name not in fingerprint),
+               default=None)
+    tail = [] if last is None else [node.name for node in nodes[last + 1:]]
+    return sorted(fingerprint | set(tail))
 
 
 def _compare(fp32: Any, int8_path: Path, entry: Any, photos: Sequence[Path], config: QuantizeConfig) -> np.ndarray:

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "Train one model from an experiment config."),
     "evaluate": ("training.cli", "Evaluate trained models: compatibility matrix, ECC, NFR, mixed gallery."),
     "benchmark": ("training.cli", "Run the whole benchmark: train every model, then evaluate (resumable)."),
+    "fingerprint": ("training.cli", "Fit the space's photo fingerprint (used for near-duplicate search)."),
     "export": ("training.cli", "Export checkpoints to a release folder of ONNX files with a manifest."),
     "quantize": ("edge.cli", "Quantise an edge model to int8 (static QDQ, calibrated on real photos)."),
     "encode": ("edge.cli", "Encode photos on this device and print or save their embeddings."),

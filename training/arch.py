@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.fingerprint import Fingerprint
+
 # (repeats, kernel, stride, expand, in, out) of EfficientNet-Lite0; scaled by width/depth per variant.
 BASE_BLOCKS = [
     (1, 3, 1, 1, 32, 16),
@@ -175,13 +177,18 @@ class Encoder(nn.Module):
         self.resolution = resolution
         self.trunk = EfficientNetLite(ARCHS[arch], resolution)
         self.head = EmbeddingHead(dim, hidden, dropout)
+        self.fingerprint: Fingerprint | None = None
+        """The space's photo fingerprint, appended to the embedding when the space has one (not trained)."""
 
     def forward_features(self, image: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Pooled trunk features [N, 1280], from the input (start=0) or a cached unit output."""
         return self.trunk.run(image, start)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(image))
+        embedding = self.head(self.forward_features(image))
+        if self.fingerprint is None:
+            return embedding
+        return self.fingerprint.combine(embedding, self.fingerprint(image))
 
 
 def pretrained_state_dict(arch: str) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.cache import compute_features, feature_matrix
+from training.cache import compute_features, feature_matrix, fingerprint_features
 from training.data import Benchmark, PhotoSet, load_benchmark
 from training.evaluate import (
     DevicePair,
@@ -105,7 +105,13 @@ def embed_model(model_id: str, bench: Benchmark, paths: Paths) -> Embedded:
 
     def encode(photos: PhotoSet) -> np.ndarray:
         feats = features(bench, photos, config.arch, config.resolution, ["plain"], paths.cache)[0]
-        return embed_features(encoder, feats).numpy()
+        embedding = embed_features(encoder, feats)
+        if encoder.fingerprint is None:
+            return embedding.numpy()
+        raw = fingerprint_features(bench.image_dir, photos.paths, encoder.fingerprint, config.resolution, "plain",
+                                   paths.cache)
+        fingerprint = encoder.fingerprint.project(torch.from_numpy(feature_matrix(raw, photos.paths)))
+        return encoder.fingerprint.combine(embedding, fingerprint).numpy()
 
     return Embedded(config, encode(bench.queries), encode(bench.gallery) if config.role == "cloud" else None)
 

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from models.atomic import write_atomic
 from models.preprocess import Preprocess, load_image, preprocess
 from training.arch import build_encoder
 from training.export import to_onnx
+from training.fingerprint import Fingerprint, colour_layout
 
 VIEWS = ("plain", "flip")
 CHUNK = 256
@@ -70,20 +71,42 @@ def compute_features(image_dir: Path, paths: Sequence[str], arch: str, resolutio
                      cache_dir: Path, batch: int = 32, threads: int | None = None) -> dict[str, np.ndarray]:
     """Features [1280] of every photo in `paths` for one view; cached and resumable by chunk."""
     target = cache_path(cache_dir, arch, resolution, view)
+
+    def trunk() -> Callable[[np.ndarray], np.ndarray]:
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_path = to_onnx(_Trunk(arch, resolution), Path(tmp) / "trunk.onnx", resolution, output="features")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads or os.cpu_count() or 1
+            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"image": x})[0]
+
+    return _cached(target, image_dir, paths, resolution, view, trunk, f"features {arch}@{resolution} {view}", batch)
+
+
+def fingerprint_features(image_dir: Path, paths: Sequence[str], fingerprint: Fingerprint, resolution: int,
+                         view: str, cache_dir: Path, batch: int = 64) -> dict[str, np.ndarray]:
+    """Raw fingerprint descriptors of every photo at one input size and view (projected at use: cheap)."""
+    target = cache_path(cache_dir, fingerprint.spec.kind, resolution, view)
+
+    def raw() -> Callable[[np.ndarray], np.ndarray]:
+        return lambda x: colour_layout(torch.from_numpy(x), fingerprint.spec).numpy()
+
+    return _cached(target, image_dir, paths, resolution, view, raw, f"fingerprint @{resolution} {view}", batch)
+
+
+def _cached(target: Path, image_dir: Path, paths: Sequence[str], resolution: int, view: str,
+            runner: Callable[[], Callable[[np.ndarray], np.ndarray]], desc: str, batch: int) -> dict[str, np.ndarray]:
+    """Run `runner()` over the photos not yet in `target`, saving every chunk (a stopped run resumes)."""
     features = _read(target)
     todo = [p for p in dict.fromkeys(paths) if p not in features]
     if not todo:
         return features
     spec = Preprocess(resize=resolution, crop=resolution)
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = to_onnx(_Trunk(arch, resolution), Path(tmp) / "trunk.onnx", resolution, output="features")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    bar = tqdm(total=len(todo), desc=f"features {arch}@{resolution} {view}", unit="photo")
+    run = runner()
+    bar = tqdm(total=len(todo), desc=desc, unit="photo")
     for start in range(0, len(todo), CHUNK):
         chunk = todo[start:start + CHUNK]
-        rows = [session.run(None, {"image": x})[0] for x in _batches(image_dir, chunk, spec, view, batch)]
+        rows = [run(x) for x in _batches(image_dir, chunk, spec, view, batch)]
         features.update(zip(chunk, np.concatenate(rows), strict=True))
         _write(target, features)
         bar.update(len(chunk))

@@ -107,3 +107,17 @@ def _export_photos(folder: Path | None, data: Path | None, count: int) -> list[P
         found = [bench.image_dir / p for p in bench.queries.paths]
     step = max(1, len(found) // max(count, 1))
     return found[::step][:count]
+
+
+@app.command()
+def fingerprint(data: DataOpt = None, space: Annotated[str, typer.Option(help="The space id.")] = "concord",
+                out: Annotated[Path | None, typer.Option(help="Where to write (default: the training package's "
+                                                              "spaces/<space>.npz).")] = None,
+                seed: int = 0) -> None:
+    """Fit the space's photo fingerprint on the gallery photos and their near-duplicates (deterministic)."""
+    from training.data import load_benchmark
+    from training.fingerprint import fit_space, space_file
+
+    bench = load_benchmark(data)
+    path = fit_space(bench.image_dir, list(bench.gallery.paths), out or space_file(space), seed=seed)
+    typer.echo(f"fingerprint of space {space!r}: {path}")

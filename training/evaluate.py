@@ -185,9 +185,17 @@ class Evaluator:
         if key not in self._results:
             vectors = self.gallery(new) if old == new else mixed_gallery(self.gallery(old), self.gallery(new),
                                                                          share, seed)
-            self._results[key] = evaluate_retrieval(self.model(query).queries, vectors, self.labels.queries,
+            queries, vectors = semantic_common(self.model(query).queries, vectors)
+            self._results[key] = evaluate_retrieval(queries, vectors, self.labels.queries,
                                                     self.labels.gallery, self.labels.old_queries)
         return self._results[key]
+
+
+def semantic_common(queries: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors of two spaces of different widths (a baseline in its own space, without the photo fingerprint
+    that the main space appends) are compared on their leading, semantic dims; equal widths pass unchanged."""
+    width = min(queries.shape[1], gallery.shape[1])
+    return queries[:, :width], gallery[:, :width]
 
 
 def matrix_pairs(models: Sequence[ModelEmbeddings], protocol: Protocol) -> list[tuple[str, str]]:

@@ -25,11 +25,13 @@ from PIL import Image
 from torch import nn
 
 from models.gate import check_gate, default_replaces
+from models.manifest import Fingerprint as SpaceFingerprint
 from models.manifest import Manifest, ManifestError, ModelEntry, ModelFile, Space
 from models.preprocess import ImageError, Preprocess, load_image, preprocess_batch
 from models.release import sha256_file
 from models.runtime import EncoderError, OnnxEncoder
 from training.arch import Encoder
+from training.fingerprint import Fingerprint, FingerprintSpec
 
 OPSET = 17
 MIN_COSINE = 0.9999
@@ -122,13 +124,15 @@ UNSIGNED = "0" * 64
 """The sha256 of an entry whose files are not written yet."""
 
 
-def model_entry(config: dict[str, Any]) -> ModelEntry:
-    """The manifest entry a checkpoint's config describes; file hashes are filled in once the files exist."""
+def model_entry(config: dict[str, Any], fingerprint: FingerprintSpec | None = None) -> ModelEntry:
+    """The manifest entry a checkpoint's config describes; file hashes are filled in once the files exist.
+    With the space's fingerprint the model's vectors are `dim` semantic + `fingerprint.dims` components."""
     model_id = str(config["model_id"])
     if not MODEL_ID.fullmatch(model_id):
         raise ExportError(f"model id {model_id!r}: use letters, digits, '.', '_' and '-' only (it names files)")
     return ModelEntry(
-        id=model_id, role=str(config["role"]), space=str(config["space"]), dim=int(config["dim"]),
+        id=model_id, role=str(config["role"]), space=str(config["space"]),
+        dim=int(config["dim"]) + (fingerprint.dims if fingerprint else 0),
         version=int(config["version"]), parents=tuple(config["parents"]), file=f"{model_id}.onnx", sha256=UNSIGNED,
         preprocess=preprocess_spec(config), opset=OPSET, arch=str(config["arch"]),
         variants={DEVICE_VARIANT: ModelFile(f"{model_id}.device.onnx", UNSIGNED, batch=1)},
@@ -196,6 +200,8 @@ def card(config: dict[str, Any], encoder: nn.Module, checkpoint: Path) -> dict[s
         "arch": config["arch"], "resolution": config["resolution"], "dim": config["dim"],
         "classes": config.get("num_classes"), "losses": config.get("losses", []), "replaces": config.get("replaces"),
         "group": config.get("group"), "checkpoint": checkpoint.name,
+        "fingerprint": (f"{spec.kind}: {spec.dims} dims fitted by `concord fingerprint` (model-independent, for "
+                        f"near-duplicate search)") if (spec := _fingerprint_spec(encoder)) else None,
         "parameters": sum(p.numel() for p in encoder.parameters()),
     }
 
@@ -245,16 +251,19 @@ def _build(checkpoints: Sequence[str | Path], folder: Path, images: list[Image.I
     loaded = [(path, *load_encoder(path)) for path in map(Path, checkpoints)]
     entries = {}
     for path, encoder, config in loaded:
-        entry = model_entry(config)
+        entry = model_entry(config, _fingerprint_spec(encoder))
         if entry.id in entries:
             raise ExportError(f"{path}: model id {entry.id!r} comes twice")
         entries[entry.id] = dataclasses.replace(entry, card=card(config, encoder, path))
     spaces: dict[str, Space] = {}
-    for entry in entries.values():
-        space = spaces.setdefault(entry.space, Space(entry.space, entry.dim))
-        if space.dim != entry.dim:
-            raise ExportError(f"{entry.id!r} has dim {entry.dim} but space {space.id!r} has dim {space.dim} "
-                              f"from another model")
+    for _, encoder, config in loaded:
+        entry = entries[config["model_id"]]
+        spec = _fingerprint_spec(encoder)
+        fingerprint = SpaceFingerprint(spec.dims, spec.weight, spec.duplicate_weight, spec.kind) if spec else None
+        space = spaces.setdefault(entry.space, Space(entry.space, entry.dim, fingerprint=fingerprint))
+        if space.dim != entry.dim or space.fingerprint != fingerprint:
+            raise ExportError(f"{entry.id!r} has dim {entry.dim} and fingerprint {fingerprint} but space {space.id!r} "
+                              f"has dim {space.dim} and fingerprint {space.fingerprint} from another model")
     metrics = report_metrics(report, list(entries))
     entries = {i: dataclasses.replace(e, metrics=metrics) for i, e in entries.items()}
     try:
@@ -275,6 +284,11 @@ def _build(checkpoints: Sequence[str | Path], folder: Path, images: list[Image.I
     manifest = Manifest(spaces, entries, release)
     manifest.save(folder / "manifest.json")
     return manifest
+
+
+def _fingerprint_spec(encoder: nn.Module) -> FingerprintSpec | None:
+    fingerprint = getattr(encoder, "fingerprint", None)
+    return fingerprint.spec if isinstance(fingerprint, Fingerprint) else None
 
 
 def load_report(path: str | Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from models.atomic import write_atomic
 from training.arch import Encoder, build_encoder
+from training.fingerprint import load_fingerprint
 from training.losses import Batch, Classification, Influence, Regression, Weighted, extend_old_classifier
 
 LOSS_KINDS = ("classification", "influence", "regression")
@@ -142,6 +143,7 @@ def encoder_from_checkpoint(state: dict[str, Any]) -> Encoder:
     encoder = build_encoder(cfg["arch"], cfg["resolution"], cfg["dim"], cfg["hidden"], cfg["dropout"],
                             pretrained=False)
     encoder.load_state_dict(state["model"])
+    encoder.fingerprint = load_fingerprint(cfg.get("space", "concord"))
     return encoder.eval()
 
 
