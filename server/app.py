@@ -28,12 +28,17 @@ A cloud encoder indexes photos; phones search with embeddings from a small edge 
 Upgrading the cloud model (`POST /v1/models/upgrade`) re-encodes nothing: old vectors stay searchable beside
 the new model's. Writes need the API key (`X-API-Key`) when one is configured.
 
+Every search takes `match`: `similar` (default: photos that show the same kind of thing) or `duplicate` (the same
+photo, cropped, resized or re-saved: the query's pixel fingerprint counts as much as what it shows; it needs a
+release whose space has a photo fingerprint, see `GET /v1/models`). The answer echoes it.
+
 Errors answer `{"detail": "<what was wrong>"}`: 401 no API key, 403 a wrong one; 404 an unknown photo, or an
 unknown model to upgrade to; 409 a query model this gallery cannot be searched with (not in the release, another
 space, or not joined by lineage: the message says which) and an upgrade refused by the compatibility gate (the
 verdict is included); 413 a request body over the limit; 415 a file that is no image by its bytes; 422 a photo
 that cannot be decoded (truncated, decompression bomb), an embedding of the wrong dim, not finite or not unit
-norm, or a missing or invalid field. A refused request changes nothing.
+norm, an unknown `match` or `duplicate` in a space without a fingerprint, or a missing or invalid field. A
+refused request changes nothing.
 """
 
 

@@ -114,6 +114,10 @@ class Demo:
         self.config, self.server, self.work, self.say = config, server, work, say
         self.release = Release.load(config.release)
         self.chain = chain(self.release.manifest)
+        manifest = self.release.manifest
+        space = manifest.spaces[manifest.model(self.chain.new_edge).space]
+        self.match = "duplicate" if space.fingerprint else "similar"
+        """The query is a copy of a photo: search for duplicates when the space has a photo fingerprint."""
 
     def index(self, photos: list[tuple[str, bytes]]) -> list[list[str]]:
         """POST the photos with metadata {"name"}; rows of (id, photo, model that encoded it)."""
@@ -134,13 +138,14 @@ class Demo:
         encoded = encode_photos(self.release.folder, [query], model_id=edge_id, threads=self.config.threads)
         took = (time.perf_counter() - start) * 1000
         with SearchClient(self.server.url) as client:
-            result = client.search_embedding(encoded.vectors[0], edge_id, k=self.config.k)
+            result = client.search_embedding(encoded.vectors[0], edge_id, k=self.config.k, match=self.match)
         rows = [[str(rank), str(hit.metadata.get("name", hit.id)), f"{hit.score:.3f}", hit.model_id]
                 for rank, hit in enumerate(result.hits, 1)]
         top = str(result.hits[0].metadata.get("name")) if result.hits else ""
         searched = ", ".join(result.searched_models)
         return rows, top, (f"{edge_id} ({encoded.variant} file, {encoded.vectors.shape[1]}-d embedding, "
-                           f"{took:.0f} ms with loading) searched gallery vectors of {searched}")
+                           f"{took:.0f} ms with loading) searched gallery vectors of {searched} in {self.match} "
+                           f"match")
 
     def run(self, first: list[tuple[str, bytes]], later: list[tuple[str, bytes]], query_of: str) -> bool:
         """Every step; True when each search found the query's original first."""

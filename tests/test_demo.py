@@ -13,11 +13,17 @@ from server.demo import DemoConfig, DemoError, folder_photos, run_demo
 from tests.server_helpers import make_photo
 
 
-def test_demo_runs_end_to_end(tiny_release: Path, tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--release", str(tiny_release), "--data-dir", str(tmp_path / "data"),
+@pytest.mark.parametrize(("release_fixture", "match"), [("tiny_release", "similar"),
+                                                       ("fingerprinted_release", "duplicate")])
+def test_demo_runs_end_to_end(release_fixture: str, match: str, tmp_path: Path, request: pytest.FixtureRequest
+                              ) -> None:
+    """The query is a copy of a gallery photo: searched in duplicate match when the space has a fingerprint."""
+    release: Path = request.getfixturevalue(release_fixture)
+    result = CliRunner().invoke(app, ["demo", "--release", str(release), "--data-dir", str(tmp_path / "data"),
                                       "--threads", "1"])
     out = result.output
     assert result.exit_code == 0, out
+    assert out.count(f"in {match} match") == 3
     assert re.search(r"gate: PASSED", out)
     assert re.search(r"photos re-encoded: 0 \(the server's encoder count 8 -> 8\); 8 stored vectors kept", out)
     assert re.search(r"^\s+9\s+immunohistochemistry\s+cloud-v2$", out, re.M)  # indexed after the upgrade
