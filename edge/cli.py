@@ -1,4 +1,4 @@
-"""`concord quantize | encode | query | device-bench`: the device side's commands.
+"""`concord quantize | ship | encode | query | device-bench`: the device side's commands.
 
 Heavy imports (onnxruntime, onnx) happen inside the commands; nothing here imports torch.
 """
@@ -75,6 +75,33 @@ def quantize(
           f"min {result.cosine_min:.5f}; registered as device-int8 (sha256 {result.sha256[:12]}...)")
     if result.skipped_photos:
         print(f"skipped {len(result.skipped_photos)} unreadable photos, e.g. {result.skipped_photos[0]}")
+
+
+@app.command()
+def ship(
+    release: Annotated[Path, typer.Option("--release", help="The full release (export + quantize) to ship from.")],
+    out: Annotated[Path, typer.Option("--out", help="Where the slim release goes (e.g. models/release).")],
+    keep: Annotated[list[str] | None, typer.Option(help="MODEL=VARIANT to ship instead of the server file; default: "
+                                                        "every edge model's device-int8 file.")] = None,
+) -> None:
+    """Write a slim release: cloud models' server files and edge models' int8 device files (what ships)."""
+    from models.release import Release, ReleaseError
+
+    try:
+        full = Release.load(release)
+        if keep is None:
+            chosen = {e.id: "device-int8" for e in full.manifest.models.values() if e.role == "edge"}
+        else:
+            chosen = dict(item.split("=", 1) for item in keep if "=" in item)
+            if len(chosen) != len(keep):
+                fail(f"--keep takes MODEL=VARIANT, got {keep}")
+        if out.exists() and any(out.iterdir()):
+            fail(f"{out} is not empty: ship into an empty (or new) folder so no old file stays behind")
+        shipped = Release.ship(full, out, chosen)
+    except (ReleaseError, KeyError, ValueError) as err:
+        _explain(err)
+    size = sum(f.stat().st_size for f in shipped.folder.iterdir())
+    print(f"shipped {sorted(shipped.manifest.models)} to {out} ({size / 1e6:.1f} MB)")
 
 
 @app.command()

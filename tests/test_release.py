@@ -177,3 +177,22 @@ def test_shipped_release_keeps_one_verified_file_per_model(tiny_release: Path, t
         ["manifest.json", "cloud-v1.onnx", "cloud-v2.onnx", "edge-v1.device.onnx", "edge-v2.onnx"])
     vectors = shipped.encoder("edge-v1", "device-fp32").encode_arrays(np.random.rand(3, 3, 32, 32).astype(np.float32))
     assert vectors.shape == (3, 32)
+
+
+def test_the_ship_command_writes_a_slim_release_and_never_overwrites(tiny_release: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from models.cli import main
+
+    out = tmp_path / "ship"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ship", "--release", str(tiny_release), "--out", str(out), "--keep", "edge-v2=device-fp32"])
+    assert exit_info.value.code in (0, None)
+    shipped = Release.load(out)
+    assert shipped.manifest.model("edge-v2").file == "edge-v2.device.onnx"
+    assert shipped.manifest.model("edge-v1").file == "edge-v1.onnx"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ship", "--release", str(tiny_release), "--out", str(out)])
+    assert exit_info.value.code == 1
+    assert "not empty" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
