@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -16,6 +17,7 @@ from models.preprocess import load_image, preprocess_batch
 from models.release import Release
 from tests.export_helpers import DIM, report, small_encoder, train_config, write_checkpoint
 from training import export as export_module
+from training.arch import build_encoder
 from training.export import (
     ExportError,
     export_model,
@@ -23,6 +25,7 @@ from training.export import (
     load_encoder,
     model_entry,
     report_metrics,
+    to_onnx,
     verify_export,
 )
 
@@ -202,3 +205,19 @@ def test_report_figures_are_taken_from_either_report_form() -> None:
         report_metrics({"benchmark": "test"}, ids)
     with pytest.raises(ExportError, match="rows lack 'overall'"):
         report_metrics({"benchmark": "test", "matrix": [{"query": "cloud-v1", "gallery": "cloud-v1"}]}, ids)
+
+
+def test_same_padding_is_folded_into_the_convolutions(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    encoder = build_encoder("lite0", 96, dim=DIM, hidden=0, pretrained=False).eval()
+    path = to_onnx(encoder, tmp_path / "folded.onnx", 96)
+    graph = onnx.load(str(path)).graph
+    assert not [node.name for node in graph.node if node.op_type == "Pad"]  # every SAME pad now lives in its Conv
+    assert any(list(a.ints) == [0, 0, 1, 1] for node in graph.node if node.op_type == "Conv" for a in node.attribute
+               if a.name == "pads")  # the asymmetric TF padding of a stride-2 3x3 conv, kept exactly
+    images = torch.rand(2, 3, 96, 96)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": images.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(got, encoder(images).numpy(), atol=1e-5)
