@@ -52,6 +52,7 @@ def serve(
     from models.manifest import ManifestError
     from models.release import ReleaseError
     from server.app import create_app
+    from server.service import check_store_fits
     from server.settings import Settings, SettingsError
 
     try:
@@ -68,6 +69,7 @@ def serve(
         print(f"concord: warning: serving on {settings.host} with no API key: anyone who reaches it can write",
               file=sys.stderr)
     try:
+        check_store_fits(settings)
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
                     timeout_graceful_shutdown=10)
     except (ManifestError, ReleaseError, ValueError) as err:

@@ -27,7 +27,7 @@ from models.release import Release
 from server.metrics import Metrics
 from server.security import ACCEPTED, sniff_image
 from server.settings import ACTIVE_MODEL_KEY, Settings
-from server.store import GalleryStore, Hit, IndexSpec, NewPhoto, PhotoRecord
+from server.store import GalleryStore, Hit, IndexSpec, NewPhoto, PhotoRecord, recorded_dim
 from server.store import check_vector as store_check_vector
 
 log = logging.getLogger("concord.server")
@@ -388,6 +388,17 @@ class Service:
         with self._count_lock:
             self.encoded_photos += len(images)
         return vectors
+
+
+def check_store_fits(settings: Settings) -> None:
+    """Refuse, before anything loads, a store folder made for vectors of another dim than the release's."""
+    manifest = Manifest.load(settings.release)
+    entry = _cloud_entry(manifest, settings.model or newest_cloud(manifest), "CONCORD_MODEL")
+    stored = recorded_dim(Path(settings.data_dir) / "gallery")
+    if stored is not None and stored != entry.dim:
+        raise ValueError(f"the store in {settings.data_dir} holds {stored}-dim vectors, but release "
+                         f"{settings.release} embeds into {entry.dim} dims (space {entry.space!r}): serve that store "
+                         f"with the release that made it, or give this release its own --data-dir / CONCORD_DATA_DIR")
 
 
 def newest_cloud(manifest: Manifest) -> str:

@@ -34,7 +34,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -729,6 +729,20 @@ class GalleryStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def recorded_dim(folder: Path) -> int | None:
+    """The vector dim a store folder was created for, or None when it holds no store yet (read without
+    opening the store: lets a server refuse a mismatched release before it loads anything)."""
+    path = Path(folder) / "catalog.sqlite"
+    if not path.exists():
+        return None
+    with closing(sqlite3.connect(path, timeout=30.0)) as conn:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()
+        except sqlite3.OperationalError:  # created but never initialised
+            return None
+    return int(row[0]) if row else None
 
 
 def check_vector(vector: Any, dim: int, what: str) -> np.ndarray:

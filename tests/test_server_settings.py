@@ -66,3 +66,28 @@ def test_photos_are_judged_by_their_bytes() -> None:
     assert sniff_image(bomb_png()) == "image/png"
     assert sniff_image(b"<html>not a photo</html>") is None
     assert sniff_image(b"") is None
+
+
+def test_serve_refuses_a_store_made_for_another_dim_before_loading_anything(
+        tiny_release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import uvicorn
+
+    from models.cli import main
+    from models.manifest import Manifest
+    from server.store import GalleryStore, recorded_dim
+
+    dim = Manifest.load(tiny_release).model("cloud-v1").dim
+    GalleryStore(tmp_path / "data" / "gallery", dim=dim + 1).close()
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the server started on a store of another dim")
+
+    monkeypatch.setattr(uvicorn, "run", never)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--release", str(tiny_release), "--data-dir", str(tmp_path / "data")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"holds {dim + 1}-dim vectors" in err and f"embeds into {dim} dims" in err and "--data-dir" in err
+    assert recorded_dim(tmp_path / "data" / "gallery") == dim + 1  # the store is left as it was
+    assert recorded_dim(tmp_path / "empty") is None
