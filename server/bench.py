@@ -152,6 +152,7 @@ def _api_search(plan: Plan, sources: Sources, size: int, gallery: np.ndarray, qu
     from server.bench_api import Server
     from server.bench_gallery import api_vs_bare
     from server.bench_upgrade import upgrade_on
+    from server.settings import Settings
 
     old, _ = _cloud_models(sources.release)
     dim = _release_dim(sources.release)
@@ -163,7 +164,8 @@ def _api_search(plan: Plan, sources: Sources, size: int, gallery: np.ndarray, qu
         queries = mixture.sample(plan.api_queries, sources.seed + 2)
     store = _ensure_store(plan, sources, size, lambda: (vectors, note))
     with Server(sources.release, _store_dir(sources, size), sources.work / f"server-{size}.log") as server:
-        figures = api_vs_bare(server, vectors, queries[:plan.api_queries], old, plan.k, threads)
+        figures = api_vs_bare(server, vectors, queries[:plan.api_queries], old, plan.k, threads,
+                              Settings().faiss_threads)
         figures["server_start_s"] = server.start_s
         if upgrade_to:  # the same server then serves the upgrade part's one HTTP upgrade (saves a start)
             figures["http_upgrade"] = upgrade_on(server, upgrade_to)

@@ -58,11 +58,11 @@ def build_store(data_dir: Path, vectors: np.ndarray, model_id: str, active_model
 
 
 def api_vs_bare(server: Server, vectors: np.ndarray, queries: np.ndarray, model_id: str, k: int,
-                threads: int) -> dict[str, Any]:
+                threads: int, server_threads: int = 1) -> dict[str, Any]:
     """Batch-1 flat search through `POST /v1/search/embedding` against bare FAISS on the same vectors, interleaved.
 
     The bare index is the store's kind, `IndexIDMap2(IndexFlatIP)` with the store's ids, searched with FAISS on
-    one thread and on `threads` (FAISS's default: one per core, as the server process runs it).
+    one thread and on `threads` (one per core); the server runs FAISS on `server_threads` (its setting).
     """
     import faiss
 
@@ -85,15 +85,17 @@ def api_vs_bare(server: Server, vectors: np.ndarray, queries: np.ndarray, model_
         api(i)
         bare_on(1)(i)
     got = {"api": [], "bare": []}
-    calls = {"api": api, "bare_1_thread": bare_on(1), f"bare_{threads}_threads": bare_on(threads)}
+    same = "bare_1_thread" if server_threads == 1 else f"bare_{server_threads}_threads"
+    calls = {"api": api, "bare_1_thread": bare_on(1), f"bare_{threads}_threads": bare_on(threads),
+             same: bare_on(server_threads)}
     times = interleave(calls, len(queries))
     faiss.omp_set_num_threads(1)
     stats = {name: latency_ms(values) for name, values in times.items()}
     agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got["api"], got["bare"], strict=True)]))
     api_p50 = stats["api"]["p50"]
     return {"gallery": len(vectors), "dim": int(vectors.shape[1]), "queries": len(queries), "k": k,
-            "server_faiss_threads": "FAISS default (one per core)", "latency_ms": stats,
-            "ratio_p50_api_over_bare_same_threads": api_p50 / stats[f"bare_{threads}_threads"]["p50"],
+            "server_faiss_threads": server_threads, "latency_ms": stats,
+            "ratio_p50_api_over_bare_same_threads": api_p50 / stats[same]["p50"],
             "ratio_p50_api_over_bare_1_thread": api_p50 / stats["bare_1_thread"]["p50"],
-            "overhead_ms_p50_vs_same_threads": api_p50 - stats[f"bare_{threads}_threads"]["p50"],
+            "overhead_ms_p50_vs_same_threads": api_p50 - stats[same]["p50"],
             "top_k_agreement_api_vs_bare": agree}

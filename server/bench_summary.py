@@ -120,7 +120,7 @@ def _headline(parts: dict[str, dict[str, Any]]) -> str:
         api = search["targets"]["api_flat_p50_within_1_5x"]
         if api.get("measured"):
             where = f"{api['gallery']:,} vectors" + ("" if api["at_target_size"] else " (not the 1M of the target)")
-            rows.append(["flat search p50 via HTTP API / bare FAISS (same threads)", where,
+            rows.append(["flat search p50 via HTTP API / bare FAISS (the server's FAISS threads)", where,
                          f"{api['ratio_p50']:.2f}x", "<= 1.5x", _verdict(api["passed"])])
             one = api["ratio_p50_vs_bare_1_thread"]
             rows.append(["flat search p50 via HTTP API / bare FAISS on 1 thread (its fastest batch-1 setting)", where,
@@ -158,9 +158,9 @@ def _threads_note(search: dict[str, Any] | None) -> str:
     lat = api["latency_ms"]
     many = next(name for name in lat if name.startswith("bare_") and name != "bare_1_thread")
     return (f"\nAt {api['gallery']:,} vectors the HTTP layer adds {api['overhead_ms_p50_vs_same_threads']:.1f} ms at "
-            f"p50 to the same FAISS search; the server runs FAISS with its default OpenMP threads, and a batch-1 flat "
-            f"search takes {lat[many]['p50']:.1f} ms that way against {lat['bare_1_thread']['p50']:.1f} ms on one "
-            f"thread here.\n")
+            f"p50 to the same FAISS search; the server runs FAISS on {api['server_faiss_threads']} thread(s) "
+            f"(`--faiss-threads`), and a batch-1 flat search here takes {lat['bare_1_thread']['p50']:.1f} ms on one "
+            f"thread against {lat[many]['p50']:.1f} ms on one per core.\n")
 
 
 def _verdict(passed: bool | None) -> str:
@@ -223,8 +223,9 @@ def _api_markdown(rows: list[dict[str, Any]]) -> str:
     text = ("### HTTP API against bare FAISS (flat index, batch 1)\n\n"
             f"`POST /v1/search/embedding` on a real `concord serve` (uvicorn, loopback, one keep-alive connection) "
             f"whose store holds the same vectors, against `IndexIDMap2(IndexFlatIP).search` in this process on "
-            f"the same vectors, with FAISS on 1 and on {threads} threads (the server's FAISS default is one thread "
-            f"per core); the three interleaved query by query.\n\n")
+            f"the same vectors, with FAISS on 1 and on {threads} threads (the server runs "
+            f"{rows[0]['api']['server_faiss_threads']}, its `--faiss-threads`); the three interleaved query by query."
+            f"\n\n")
     table_rows = []
     for row in rows:
         api = row["api"]

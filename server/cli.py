@@ -40,6 +40,8 @@ def serve(
                                                     "later backfills [env CONCORD_KEEP_BYTES]")] = None,
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads per encoder [env CONCORD_THREADS]")]
     = None,
+    faiss_threads: Annotated[int | None, typer.Option(help="FAISS threads per search [env CONCORD_FAISS_THREADS; "
+                                                      "default 1: parallel requests use the other cores]")] = None,
     index_kind: Annotated[str | None, typer.Option("--index", help="FAISS index: flat, hnsw or ivf, with params "
                                                    "as in 'hnsw:M=16,ef_search=128' [env CONCORD_INDEX]")] = None,
     log_level: Annotated[str | None, typer.Option(help="uvicorn log level [env CONCORD_LOG_LEVEL]")] = None,
@@ -58,7 +60,8 @@ def serve(
     try:
         settings = Settings.from_env(release=release, data_dir=data_dir, host=host, port=port, api_key=api_key,
                                      auth_reads=auth_reads, model=model, max_request_bytes=max_request_bytes,
-                                     keep_bytes=keep_bytes, threads=threads, index=index_kind,
+                                     keep_bytes=keep_bytes, threads=threads, faiss_threads=faiss_threads,
+                                     index=index_kind,
                                      log_level=log_level)
     except SettingsError as err:
         fail(str(err))

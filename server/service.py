@@ -29,6 +29,7 @@ from server.security import ACCEPTED, sniff_image
 from server.settings import ACTIVE_MODEL_KEY, Settings
 from server.store import GalleryStore, Hit, IndexSpec, NewPhoto, PhotoRecord, recorded_dim
 from server.store import check_vector as store_check_vector
+from server.vector_index import set_search_threads
 
 log = logging.getLogger("concord.server")
 MAX_K = 1000
@@ -126,6 +127,7 @@ class Service:
     def open(cls, settings: Settings, metrics: Metrics | None = None) -> Service:
         """Load and verify the release, open the store in `settings.data_dir`, settle the active model."""
         release = Release.load(settings.release, verify=settings.verify_release)
+        set_search_threads(settings.faiss_threads)
         manifest = release.manifest
         wanted = settings.model or newest_cloud(manifest)
         entry = _cloud_entry(manifest, wanted, "CONCORD_MODEL")

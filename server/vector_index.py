@@ -36,6 +36,13 @@ MAGIC = b"CONCORD-FAISS-1\n"
 FORMAT = 1
 
 
+def set_search_threads(count: int) -> None:
+    """FAISS's OpenMP threads for this process (searches and index builds)."""
+    if count < 1:
+        raise ValueError(f"FAISS threads must be at least 1, got {count}")
+    faiss.omp_set_num_threads(count)
+
+
 class SnapshotError(Exception):
     """A snapshot that cannot be used (missing, truncated, corrupt, or made for another store/dim/kind)."""
 

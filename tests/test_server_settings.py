@@ -27,12 +27,14 @@ def test_environment_then_command_line() -> None:
     assert settings.port == 9002, "the command line wins over the environment"
     assert settings.model == "cloud-v1", "an option not given (None) keeps the environment's value"
     assert settings.auth_reads is True and settings.keep_bytes is False and settings.threads is None
+    assert settings.faiss_threads == 1 and Settings.from_env({"CONCORD_FAISS_THREADS": "2"}).faiss_threads == 2
 
 
 @pytest.mark.parametrize(("env", "fragment"), [
     ({"CONCORD_PORT": "eighty"}, "CONCORD_PORT: expected an integer"),
     ({"CONCORD_AUTH_READS": "maybe"}, "CONCORD_AUTH_READS: expected true/false"),
     ({"CONCORD_MAX_REQUEST_BYTES": "0"}, "CONCORD_MAX_REQUEST_BYTES: must be a positive integer"),
+    ({"CONCORD_FAISS_THREADS": "0"}, "CONCORD_FAISS_THREADS: must be a positive integer"),
 ])
 def test_bad_settings_name_their_variable(env: dict[str, str], fragment: str) -> None:
     with pytest.raises(SettingsError, match=fragment):
@@ -91,3 +93,18 @@ def test_serve_refuses_a_store_made_for_another_dim_before_loading_anything(
     assert f"holds {dim + 1}-dim vectors" in err and f"embeds into {dim} dims" in err and "--data-dir" in err
     assert recorded_dim(tmp_path / "data" / "gallery") == dim + 1  # the store is left as it was
     assert recorded_dim(tmp_path / "empty") is None
+
+
+def test_the_service_runs_faiss_on_its_setting(tiny_release: Path, tmp_path: Path) -> None:
+    import faiss
+
+    from server.service import Service
+
+    before = faiss.omp_get_max_threads()
+    try:
+        for count in (2, 1):
+            settings = Settings.from_env({}, release=tiny_release, data_dir=tmp_path, faiss_threads=count)
+            Service.open(settings).close()
+            assert faiss.omp_get_max_threads() == count
+    finally:
+        faiss.omp_set_num_threads(before)
