@@ -5,14 +5,12 @@ gallery is every `train.txt` photo (background included) encoded by the cloud mo
 relevant to a query of its own class. Figures: Recall@1, Recall@5 and mAP, overall and on old / new
 classes, plus how far int8 moves from fp32 (cosine, rank-1 agreement, negative flips).
 
-The split is read here from the dataset's own files, with the rules of `training.data` (which needs
-torch); the metrics are `training.metrics`, which is torch-free (numpy + faiss) and imported only here.
+The split and the metrics are the benchmark's own, torch-free: `models.caltech` and `models.metrics`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,12 +21,11 @@ import numpy as np
 
 from edge import report
 from edge.choice import cloud_of, newest
+from models.caltech import BACKGROUND, DEFAULT_ROOT, NUM_OLD_CLASSES, load_benchmark
 from models.preprocess import ImageError, load_image
 
 STEM = "device_accuracy"
-BACKGROUND = "BACKGROUND_Google"
-NUM_OLD_CLASSES = 50
-DEFAULT_DATA = Path("../shared/datasets/caltech101")
+DEFAULT_DATA = DEFAULT_ROOT
 DEFAULT_CACHE = Path("cache/edge")
 CHUNK = 64
 
@@ -45,24 +42,10 @@ class Split:
 
 
 def load_split(root: str | Path | None = None) -> Split:
-    """Read train.txt (gallery, background kept) and test.txt (queries, background dropped)."""
-    root = Path(root or os.environ.get("CONCORD_DATA") or DEFAULT_DATA)
-    images = root / "101_ObjectCategories"
-    if not images.is_dir():
-        raise FileNotFoundError(f"Caltech-101 not found at {root} (expected {images}); "
-                                "pass --data or set CONCORD_DATA")
-    classes = sorted(d.name for d in images.iterdir() if d.is_dir() and d.name != BACKGROUND)
-    index = {name: i for i, name in enumerate(classes)}
-
-    def read(name: str) -> tuple[list[str], np.ndarray]:
-        lines = [line.strip() for line in (root / name).read_text().splitlines() if line.strip()]
-        return lines, np.array([index.get(p.split("/")[0], -1) for p in lines], dtype=np.int64)
-
-    gallery, gallery_labels = read("train.txt")
-    queries, query_labels = read("test.txt")
-    keep = query_labels >= 0
-    return Split(images, gallery, gallery_labels, [q for q, k in zip(queries, keep, strict=True) if k],
-                 query_labels[keep])
+    """The benchmark split (`models.caltech`): train.txt as the gallery (background kept), test.txt queries."""
+    bench = load_benchmark(root)
+    return Split(bench.image_dir, list(bench.gallery.paths), bench.gallery.labels, list(bench.queries.paths),
+                 bench.queries.labels)
 
 
 def encode_paths(encoders: Sequence[Any], paths: Sequence[Path], progress: str = "") -> list[np.ndarray]:
@@ -129,7 +112,7 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
 
         sha = edge.variants[variant].sha256
         queries[variant] = cached(cache, f"queries-{edge.id}-{sha[:16]}-{_digest(split.queries)}", encode_queries)
-    from training.metrics import evaluate_retrieval  # torch-free (numpy + faiss): the benchmark's metrics
+    from models.metrics import evaluate_retrieval  # torch-free (numpy + faiss): the benchmark's metrics
 
     old = (split.query_labels >= 0) & (split.query_labels < NUM_OLD_CLASSES)
     found = {v: evaluate_retrieval(q, gallery, split.query_labels, split.gallery_labels, old)
@@ -137,7 +120,7 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
     result: dict[str, Any] = {
         **report.header(), "release": str(release.folder), "edge": edge.id, "cloud": cloud.id,
         "protocol": {"queries": len(query_paths), "gallery": len(gallery_paths), "thinned_to": limit,
-                     "data": str(split.image_dir.parent), "metrics": "training.metrics.evaluate_retrieval"},
+                     "data": str(split.image_dir.parent), "metrics": "models.metrics.evaluate_retrieval"},
         "figures": {v: r.to_dict() for v, r in found.items()},
     }
     if "device-int8" in queries and "device-fp32" in queries:
@@ -151,7 +134,7 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
 def _agreement(fp32: np.ndarray, int8: np.ndarray, gallery: np.ndarray, hits_fp32: np.ndarray,
                hits_int8: np.ndarray) -> dict[str, float]:
     """How far int8 queries move from fp32: cosine, same rank-1 photo, negative and positive flips."""
-    from training.metrics import flip_rates
+    from models.metrics import flip_rates
 
     cosine = np.sum(fp32 * int8, axis=1)
     top_a, top_b = np.argmax(fp32 @ gallery.T, axis=1), np.argmax(int8 @ gallery.T, axis=1)

@@ -75,15 +75,9 @@ def query_variant(entry: ModelEntry) -> str:
 
 def list_split(data: Path, name: str, background: bool) -> tuple[Path, list[str]]:
     """Photo folder and the relative paths of Caltech-101's `name` list (train.txt / test.txt)."""
-    from edge.accuracy import BACKGROUND
+    from models.caltech import image_dir, read_list
 
-    folder = data / "101_ObjectCategories"
-    listing = data / name
-    if not listing.is_file() or not folder.is_dir():
-        raise FileNotFoundError(f"Caltech-101 not found at {data} (expected {listing} and {folder}); pass --data "
-                                f"or set CONCORD_DATA")
-    lines = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
-    return folder, [p for p in lines if background or not p.startswith(BACKGROUND + "/")]
+    return image_dir(data), read_list(data, name, background)
 
 
 @dataclass(frozen=True)

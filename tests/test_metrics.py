@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.metrics import (
+from models.metrics import (
     average_precision,
     average_precisions,
     ecc,

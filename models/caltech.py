@@ -1,7 +1,8 @@
 """Caltech-101 per the benchmark protocol: class order, old/new classes, training set, gallery, queries.
 
 Deterministic: classes are `sorted()` folder names without BACKGROUND_Google; the split comes from the
-dataset's own `train.txt` / `test.txt`. The path is a setting (`--data` or `CONCORD_DATA`).
+dataset's own `train.txt` / `test.txt`. The path is a setting (`--data` or `CONCORD_DATA`). Torch-free:
+training, the edge accuracy check, the release check and the near-duplicate benchmark all read it here.
 """
 
 from __future__ import annotations
@@ -64,22 +65,34 @@ class Benchmark:
         return tuple(dict.fromkeys(self.gallery.paths + self.queries.paths))
 
 
-def load_benchmark(root: str | Path | None = None) -> Benchmark:
-    """Read the split files; raise FileNotFoundError naming the path and the setting when absent."""
+def image_dir(root: str | Path | None = None) -> Path:
+    """The photo folder, or FileNotFoundError naming the path and the setting when the dataset is absent."""
     root = data_root(root)
     images = root / "101_ObjectCategories"
     if not images.is_dir():
         raise FileNotFoundError(f"Caltech-101 not found at {root} (expected {images}); "
                                 "pass --data or set CONCORD_DATA")
+    return images
+
+
+def read_list(root: str | Path | None, name: str, keep_background: bool) -> list[str]:
+    """The photo paths (relative to the photo folder) of one split file, e.g. `test.txt`."""
+    folder = image_dir(root).parent
+    lines = [line.strip() for line in (folder / name).read_text().splitlines() if line.strip()]
+    return [p for p in lines if keep_background or not p.startswith(BACKGROUND + "/")]
+
+
+def load_benchmark(root: str | Path | None = None) -> Benchmark:
+    """Read the split files; raise FileNotFoundError naming the path and the setting when absent."""
+    images = image_dir(root)
     classes = tuple(sorted(d.name for d in images.iterdir() if d.is_dir() and d.name != BACKGROUND))
     index = {name: i for i, name in enumerate(classes)}
 
     def read(name: str, keep_background: bool) -> PhotoSet:
-        lines = [line.strip() for line in (root / name).read_text().splitlines() if line.strip()]
-        lines = [p for p in lines if keep_background or not p.startswith(BACKGROUND + "/")]
+        lines = read_list(root, name, keep_background)
         labels = np.array([index.get(p.split("/")[0], DISTRACTOR) for p in lines], dtype=np.int64)
         return PhotoSet(tuple(lines), labels)
 
     gallery = read("train.txt", keep_background=True)
     train = gallery.subset(gallery.labels != DISTRACTOR)
-    return Benchmark(root, classes, train, gallery, read("test.txt", keep_background=False))
+    return Benchmark(images.parent, classes, train, gallery, read("test.txt", keep_background=False))
