@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from edge import report
 from edge.choice import cloud_of, newest
+from models import report
 from models.caltech import BACKGROUND, DEFAULT_ROOT, NUM_OLD_CLASSES, load_benchmark
 from models.preprocess import ImageError, load_image
 

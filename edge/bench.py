@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from edge import report
 from edge.choice import cloud_of, newest
+from models import report
 from models.preprocess import load_image, preprocess
 
 STEM = "device_bench"

@@ -54,7 +54,7 @@ def header() -> dict[str, Any]:
     """Machine (CPU model, cores, load), versions (python, numpy, faiss, onnxruntime, ...) and the command."""
     import faiss
 
-    from edge import report
+    from models import report
 
     head = report.header()
     head["versions"]["faiss"] = faiss.__version__
@@ -63,14 +63,14 @@ def header() -> dict[str, Any]:
 
 def context_markdown(data: dict[str, Any]) -> str:
     """The machine, versions and reproducing command of a report as markdown lines."""
-    from edge import report
+    from models import report
 
     return report.context_markdown(data)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """A markdown table."""
-    from edge import report
+    from models import report
 
     return report.table(headers, rows)
 

@@ -145,8 +145,8 @@ class Judge:
 
 def run_neardup(config: NeardupConfig) -> dict[str, Any]:
     """Encode the gallery (cached), make and encode the near-duplicates, score every query model, write reports."""
-    from edge import report
     from edge.accuracy import cached, encode_paths
+    from models import report
     from models.preprocess import load_image
     from models.release import Release
 
@@ -216,7 +216,7 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The near-duplicate report as markdown."""
-    from edge import report
+    from models import report
 
     p, t = result["protocol"], result["target"]
     rows = [_markdown_row(r) for r in result["results"]]

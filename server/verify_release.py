@@ -169,8 +169,8 @@ def figures(found: list[list[int]], labels: np.ndarray, old_classes: int) -> dic
 
 def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[str, Any]:
     """Index the gallery of every gallery model through its own server, search every pair, compare, write."""
-    from edge import report
     from edge.accuracy import NUM_OLD_CLASSES, cached, encode_paths, load_split
+    from models import report
     from models.release import Release
     from server.bench_api import Server
 
@@ -256,7 +256,7 @@ def _line(row: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The verification report as markdown."""
-    from edge import report
+    from models import report
 
     p = result["protocol"]
     rows = [[r["query_model"], r["query_file"], r["gallery_model"], _fmt(r["measured"]["all"]["recall@1"]),

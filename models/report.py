@@ -1,4 +1,4 @@
-"""Benchmark reports of the edge side: the machine, the versions, the command, written as JSON and markdown."""
+"""Benchmark reports of every part: the machine, the versions, the command, written as JSON and markdown."""
 
 from __future__ import annotations
 
