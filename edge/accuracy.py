@@ -11,6 +11,7 @@ The split and the metrics are the benchmark's own, torch-free: `models.caltech` 
 from __future__ import annotations
 
 import hashlib
+import io
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 
 from edge.choice import cloud_of, newest
 from models import report
+from models.atomic import write_atomic
 from models.caltech import BACKGROUND, DEFAULT_ROOT, NUM_OLD_CLASSES, load_benchmark
 from models.preprocess import ImageError, load_image
 
@@ -72,9 +74,9 @@ def cached(cache_dir: Path, key: str, make: Callable[[], np.ndarray]) -> np.ndar
         return np.asarray(np.load(path))
     array = make()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(path, buffer.getbuffer())
     return array
 
 
@@ -118,7 +120,7 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
     found = {v: evaluate_retrieval(q, gallery, split.query_labels, split.gallery_labels, old)
              for v, q in queries.items()}
     result: dict[str, Any] = {
-        **report.header(), "release": str(release.folder), "edge": edge.id, "cloud": cloud.id,
+        **report.header(), "release": report.shown_path(release.folder), "edge": edge.id, "cloud": cloud.id,
         "protocol": {"queries": len(query_paths), "gallery": len(gallery_paths), "thinned_to": limit,
                      "data": str(split.image_dir.parent), "metrics": "models.metrics.evaluate_retrieval"},
         "figures": {v: r.to_dict() for v, r in found.items()},

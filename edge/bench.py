@@ -94,7 +94,7 @@ def run_bench(release_folder: str | Path, photo: str | Path, config: BenchConfig
                      "precision": precision, "size_bytes": c.path.stat().st_size,
                      "input_shape": list(inputs[c.name].shape), "latency_ms": stats_ms(latency[c.name]),
                      "preprocess_ms": stats_ms(prep[c.name])})
-    result = {**report.header(), "release": str(release.folder), "photo": str(photo),
+    result = {**report.header(), "release": report.shown_path(release.folder), "photo": str(photo),
               "config": asdict(config), "models": rows, "ratios": ratios(rows)}
     if out_dir is not None:
         result["written"] = [str(p) for p in report.write(out_dir, STEM, result, markdown(result))]

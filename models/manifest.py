@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.atomic import write_atomic
 from models.preprocess import Preprocess
 
 ROLES = ("cloud", "edge")
@@ -159,9 +160,7 @@ class Manifest:
         path = Path(path)
         if path.is_dir():
             path = path / "manifest.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
 
 def _fingerprint(raw: dict[str, Any], where: str, dim: int) -> Fingerprint | None:

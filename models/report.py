@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from models.atomic import write_atomic
+
 DEFAULT_REPORT_DIR = Path("reports/edge")
 
 
@@ -58,6 +60,16 @@ def command_line() -> str:
     return shlex.join([name, *sys.argv[1:]])
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as a report records it: relative to the working folder when inside it (so a report reads the same
+    on every checkout), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def header() -> dict[str, Any]:
     """Fields every report starts with."""
     return {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command_line(),
@@ -70,9 +82,7 @@ def write(folder: str | Path, stem: str, data: dict[str, Any], markdown: str) ->
     folder.mkdir(parents=True, exist_ok=True)
     paths = folder / f"{stem}.json", folder / f"{stem}.md"
     for path, text in zip(paths, (json.dumps(data, indent=2) + "\n", markdown), strict=True):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(path, text.encode())
     return paths
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from models.report import shown_path
 from server import bench_summary
 from server.bench_data import DEFAULT_EMBEDDINGS, Mixture, mixture_for, seeded_mixture
 from server.bench_encode import EncodeConfig, default_photos
@@ -104,7 +105,8 @@ def report_head(plan: Plan, sources: Sources) -> dict[str, Any]:
     if sources.command:
         head["command"] = sources.command
     head["plan"] = asdict(plan)
-    head["sources"] = {k: str(v) for k, v in asdict(sources).items()}
+    head["sources"] = {k: shown_path(v) if isinstance(v, Path) else str(v) for k, v in asdict(sources).items()}
+    head["sources"]["work"] = "a scratch folder in the temporary folder (removed at the end; --keep-work keeps it)"
     return head
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from models.report import shown_path
 from server.bench_report import interleave, latency_ms
 
 DEFAULT_PHOTO_ROOT = Path("../shared/datasets/caltech101")
@@ -153,7 +154,7 @@ def run_encode(release_folder: Path, photos: list[tuple[str, bytes]], config: En
     release = Release.load(release_folder, verify=True)
     start = time.perf_counter()
     data = [b for _, b in photos]
-    result: dict[str, Any] = {"release": str(release_folder), "photos": len(photos), "config": asdict(config)}
+    result: dict[str, Any] = {"release": shown_path(release_folder), "photos": len(photos), "config": asdict(config)}
     result["cloud"] = cloud_throughput(release, data, config)
     result["edge"] = edge_latency(release_folder, Path(photos[0][0]), config)
     result["seconds"] = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -9,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from models import report
+from models.atomic import write_atomic
 
 DEFAULT_OUT = Path("reports/bench")
 
@@ -54,43 +58,20 @@ def header() -> dict[str, Any]:
     """Machine (CPU model, cores, load), versions (python, numpy, faiss, onnxruntime, ...) and the command."""
     import faiss
 
-    from models import report
-
     head = report.header()
     head["versions"]["faiss"] = faiss.__version__
     return head
 
 
-def context_markdown(data: dict[str, Any]) -> str:
-    """The machine, versions and reproducing command of a report as markdown lines."""
-    from models import report
-
-    return report.context_markdown(data)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """A markdown table."""
-    from models import report
-
-    return report.table(headers, rows)
-
-
 def write_json(folder: Path, stem: str, data: dict[str, Any]) -> Path:
-    """Write `<stem>.json` atomically (temporary file, then rename)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
-    tmp.replace(path)
-    return path
+    """Write `<stem>.json` atomically (temporary file, fsync, then rename)."""
+    return write_text(folder / f"{stem}.json", json.dumps(data, indent=2, default=_plain) + "\n")
 
 
 def write_text(path: Path, text: str) -> Path:
     """Write a text file atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, text.encode())
     return path
 
 
@@ -113,9 +94,9 @@ def figure(path: Path, draw: Callable[[Any], None], size: tuple[float, float] = 
     try:
         draw(axes)
         fig.tight_layout()
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=90)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+        write_atomic(path, buffer.getbuffer())
     finally:
         plt.close(fig)
     return path

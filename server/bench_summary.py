@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server.bench_report import context_markdown, figure, fmt, table, write_text
+from models.report import context_markdown, table
+from server.bench_report import figure, fmt, write_text
 
 PARTS = ("search", "encode", "upgrade")
 

@@ -191,7 +191,7 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
     rows += [alone] if alone else []
     headline = next(r for r in rows if r["query_model"] == order.new_edge and r["match"] == headline_match)
     result: dict[str, Any] = {
-        **report.header(), "release": str(release.folder), "release_name": manifest.release,
+        **report.header(), "release": report.shown_path(release.folder), "release_name": manifest.release,
         "protocol": {"gallery": len(paths), "gallery_source": f"{config.data}/test.txt with BACKGROUND_Google",
                      "gallery_model": gallery_id, "queries": config.queries, "seed": config.seed,
                      "transform": {**asdict(config.transform), "description": config.transform.describe()},

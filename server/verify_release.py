@@ -204,7 +204,7 @@ def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[st
                 print(_line(rows[-1]), flush=True)
     required = [r for r in rows if r["required"]]
     result: dict[str, Any] = {
-        **report.header(), "release": str(release.folder), "release_name": manifest.release,
+        **report.header(), "release": report.shown_path(release.folder), "release_name": manifest.release,
         "protocol": {"data": str(split.image_dir.parent), "gallery": len(split.gallery),
                      "gallery_source": "train.txt with BACKGROUND_Google, label -1: never relevant",
                      "queries": len(split.queries), "query_source": "test.txt without BACKGROUND_Google",
