@@ -23,11 +23,10 @@ import numpy as np
 from edge.choice import cloud_of, newest
 from models import report
 from models.atomic import write_atomic
-from models.caltech import BACKGROUND, DEFAULT_ROOT, NUM_OLD_CLASSES, load_benchmark
+from models.caltech import BACKGROUND, NUM_OLD_CLASSES, load_benchmark
 from models.preprocess import ImageError, load_image
 
 STEM = "device_accuracy"
-DEFAULT_DATA = DEFAULT_ROOT
 DEFAULT_CACHE = Path("cache/edge")
 CHUNK = 64
 

@@ -8,7 +8,6 @@ latency comes from the device benchmark (`edge.bench`) on the same release.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -18,15 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from models.caltech import data_root
 from models.report import shown_path
 from server.bench_report import interleave, latency_ms
-
-DEFAULT_PHOTO_ROOT = Path("../shared/datasets/caltech101")
 
 
 def default_photos() -> Path:
     """Caltech-101's photo folder: $CONCORD_DATA/101_ObjectCategories, else under ../shared/datasets."""
-    return Path(os.environ.get("CONCORD_DATA") or DEFAULT_PHOTO_ROOT) / "101_ObjectCategories"
+    return data_root() / "101_ObjectCategories"
 
 
 def load_photos(source: str | Path, count: int) -> list[tuple[str, bytes]]:

@@ -73,13 +73,6 @@ def query_variant(entry: ModelEntry) -> str:
     return device_variant(entry) if entry.role == "edge" else "server"
 
 
-def list_split(data: Path, name: str, background: bool) -> tuple[Path, list[str]]:
-    """Photo folder and the relative paths of Caltech-101's `name` list (train.txt / test.txt)."""
-    from models.caltech import image_dir, read_list
-
-    return image_dir(data), read_list(data, name, background)
-
-
 @dataclass(frozen=True)
 class NeardupConfig:
     """What `concord neardup` measures and where it reads and writes."""
@@ -147,6 +140,7 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
     """Encode the gallery (cached), make and encode the near-duplicates, score every query model, write reports."""
     from edge.accuracy import cached, encode_paths
     from models import report
+    from models.caltech import image_dir, read_list
     from models.preprocess import load_image
     from models.release import Release
 
@@ -155,7 +149,7 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
     order = chain(manifest)
     gallery_id = config.gallery_model or order.old_cloud
     gallery_entry = manifest.model(gallery_id)
-    folder, names = list_split(config.data, "test.txt", background=True)
+    folder, names = image_dir(config.data), read_list(config.data, "test.txt", keep_background=True)
     paths = [folder / n for n in names]
     if config.queries > len(paths):
         raise ValueError(f"{config.queries} queries asked for, but the gallery holds only {len(paths)} photos")
@@ -259,13 +253,12 @@ def main(release: Path | None, data: Path | None, out: Path, cache: Path, querie
          gallery_model: str | None, threads: int | None) -> int:
     """`concord neardup`: 0 when the newest edge model reaches the Recall@1 target (in duplicate match when the
     space has a fingerprint), 1 otherwise."""
-    import os
 
-    from edge.accuracy import DEFAULT_DATA
+    from models.caltech import data_root
     from server.settings import Settings
 
     config = NeardupConfig(release=release or Settings.from_env().release,
-                           data=data or Path(os.environ.get("CONCORD_DATA") or DEFAULT_DATA), out=out, cache=cache,
+                           data=data or data_root(), out=out, cache=cache,
                            queries=queries, seed=seed, gallery_model=gallery_model, threads=threads)
     result = run_neardup(config)
     for row in result["results"]:

@@ -169,8 +169,9 @@ def figures(found: list[list[int]], labels: np.ndarray, old_classes: int) -> dic
 
 def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[str, Any]:
     """Index the gallery of every gallery model through its own server, search every pair, compare, write."""
-    from edge.accuracy import NUM_OLD_CLASSES, cached, encode_paths, load_split
+    from edge.accuracy import cached, encode_paths, load_split
     from models import report
+    from models.caltech import NUM_OLD_CLASSES
     from models.release import Release
     from server.bench_api import Server
 
@@ -284,13 +285,12 @@ def markdown(result: dict[str, Any]) -> str:
 def main(release: Path | None, data: Path | None, work: Path, out: Path, tolerance: float, batch: int,
          threads: int | None, progress: bool) -> int:
     """`concord verify-release`: 0 when every required pair matches its manifest figure, 1 otherwise."""
-    import os
 
-    from edge.accuracy import DEFAULT_DATA
+    from models.caltech import data_root
     from server.settings import Settings
 
     config = VerifyConfig(release=release or Settings.from_env().release,
-                          data=data or Path(os.environ.get("CONCORD_DATA") or DEFAULT_DATA), work=work, out=out,
+                          data=data or data_root(), work=work, out=out,
                           tolerance=tolerance, batch=batch, threads=threads, progress=progress)
     result = run_verify(config)
     print(f"{'PASS' if result['passed'] else 'FAIL'}; wrote {', '.join(result['written'])}")
