@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from edge.choice import cloud_of, newest
 from models import report
 from models.atomic import write_atomic
 from models.caltech import BACKGROUND, NUM_OLD_CLASSES, load_benchmark
 from models.preprocess import ImageError, load_image
+from models.report import fmt
 
 STEM = "device_accuracy"
 DEFAULT_CACHE = Path("cache/edge")
@@ -91,8 +91,8 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
 
     release = Release.load(release_folder, verify=True)
     manifest = release.manifest
-    edge = manifest.model(edge_id) if edge_id else newest(manifest, "edge")
-    cloud = manifest.model(cloud_id) if cloud_id else cloud_of(manifest, edge)
+    edge = manifest.model(edge_id) if edge_id else manifest.newest("edge")
+    cloud = manifest.model(cloud_id) if cloud_id else manifest.cloud_of(edge.id)
     variants = [v for v in ("device-fp32", "device-int8") if v in edge.variants]
     if not variants:
         raise KeyError(f"edge model {edge.id!r} has no device file (device-fp32 / device-int8)")
@@ -166,11 +166,6 @@ def _progress(total: int, label: str) -> Callable[[int], None]:
     return show
 
 
-def fmt(value: float | None) -> str:
-    """A figure with four decimals; '-' for none (an empty query subset)."""
-    return "-" if value is None else f"{value:.4f}"
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The accuracy report as markdown."""
     p = result["protocol"]
@@ -178,7 +173,7 @@ def markdown(result: dict[str, Any]) -> str:
     for variant, groups in result["figures"].items():
         for group, f in groups.items():
             rows.append([f"{result['edge']} {variant}", result["cloud"], group, str(f["queries"]),
-                         *(fmt(f[key]) for key in ("recall@1", "recall@5", "map"))])
+                         *(fmt(f[key], 4) for key in ("recall@1", "recall@5", "map"))])
     text = (f"# Edge int8 vs fp32: queries from the device against the cloud gallery\n\n"
             f"{p['queries']} queries (test.txt without {BACKGROUND}), gallery of {p['gallery']} photos "
             f"(train.txt with {BACKGROUND}) encoded by `{result['cloud']}`"

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from edge.choice import cloud_of, newest
 from models import report
 from models.preprocess import load_image, preprocess
 
@@ -51,8 +50,8 @@ class Contender:
 def contenders(release: Any, config: BenchConfig) -> list[Contender]:
     """Edge fp32, edge int8 (when quantised) and the cloud server file, in that order."""
     manifest = release.manifest
-    edge = manifest.model(config.edge) if config.edge else newest(manifest, "edge")
-    cloud = manifest.model(config.cloud) if config.cloud else cloud_of(manifest, edge)
+    edge = manifest.model(config.edge) if config.edge else manifest.newest("edge")
+    cloud = manifest.model(config.cloud) if config.cloud else manifest.cloud_of(edge.id)
     chosen = [("edge fp32", edge.id, "device-fp32"), ("edge int8", edge.id, "device-int8"),
               ("cloud fp32", cloud.id, "server")]
     found = [Contender(name, model_id, variant, release.path(model_id, variant))

@@ -6,23 +6,18 @@ Heavy imports (onnxruntime, onnx) happen inside the commands; nothing here impor
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+
+from models.cli import fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 ReleaseOpt = Annotated[Path | None, typer.Option("--release", help="Release folder (default: $CONCORD_RELEASE, "
                                                  "else the shipped models/release).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Edge model id (default: the newest edge model).")]
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print `concord: message` on stderr and exit with `code`."""
-    print(f"concord: {message}", file=sys.stderr)
-    raise typer.Exit(code)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -58,15 +53,15 @@ def quantize(
     pre_process: Annotated[bool, typer.Option(help="Run onnxruntime's quant_pre_process first.")] = True,
 ) -> None:
     """Quantise an edge model to int8 (static QDQ, calibrated on real photos) and register `device-int8`."""
-    from edge.choice import release_dir
     from edge.photos import list_photos
     from edge.quantize import QuantizeConfig, quantize_model
+    from models.release import resolve_release
 
     try:
         photos = list_photos(calibration, count, root)
         config = QuantizeConfig(calibrate_method=method, activations=activations, weights=weights,
                                 reduce_range=reduce_range, per_channel=per_channel, pre_process=pre_process)
-        result = quantize_model(release_dir(release), model_id, photos, config)
+        result = quantize_model(resolve_release(release), model_id, photos, config)
     except _user_errors() as err:
         _explain(err)
     print(f"wrote {result.file} ({result.size_bytes / 1e6:.2f} MB, fp32 {result.fp32_size_bytes / 1e6:.2f} MB) "
@@ -113,13 +108,13 @@ def encode(
     out: Annotated[Path | None, typer.Option(help="Save to a .npy ([N, dim] float32) or .json file.")] = None,
 ) -> None:
     """Encode photos on this device and print (one JSON line each) or save their embeddings."""
-    from edge.choice import release_dir
     from edge.client import encode_photos
+    from models.release import resolve_release
 
     if out is not None and out.suffix not in (".npy", ".json"):
         fail(f"--out must end in .npy or .json, got {out.name!r}")
     try:
-        encoded = encode_photos(release_dir(release), photos, model, variant)
+        encoded = encode_photos(resolve_release(release), photos, model, variant)
     except _user_errors() as err:
         _explain(err)
     if out is None:
@@ -154,11 +149,11 @@ def query(
                                        "fingerprint).")] = "similar",
 ) -> None:
     """Encode a photo on this device, send only its embedding to the server, print the hits."""
-    from edge.choice import release_dir
     from edge.client import SearchClient, encode_photos, format_hits
+    from models.release import resolve_release
 
     try:
-        encoded = encode_photos(release_dir(release), [photo], model)
+        encoded = encode_photos(resolve_release(release), [photo], model)
         with SearchClient(server, api_key, timeout) as client:
             found = client.search_embedding(encoded.vectors[0], encoded.model_id, k, match)
     except _user_errors() as err:
@@ -191,11 +186,12 @@ def device_bench(
     out_dir: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/edge"),
 ) -> None:
     """Time batch-1 encoding of edge fp32, edge int8 and the cloud encoder; optionally their accuracy."""
-    from edge.accuracy import fmt, load_split, run_accuracy
+    from edge.accuracy import load_split, run_accuracy
     from edge.bench import BenchConfig, print_table, run_bench
-    from edge.choice import release_dir
+    from models.release import resolve_release
+    from models.report import fmt
 
-    folder = release_dir(release)
+    folder = resolve_release(release)
     try:
         if timing:
             if photo is None:
@@ -207,8 +203,9 @@ def device_bench(
         if accuracy:
             found = run_accuracy(folder, edge, cloud, data, cache, out_dir, limit)
             for variant, groups in found["figures"].items():
-                print(f"{found['edge']} {variant} -> {found['cloud']} gallery: " + ", ".join(
-                    f"{g} R@1 {fmt(f['recall@1'])} mAP {fmt(f['map'])}" for g, f in groups.items() if f["queries"]))
+                figures = [f"{g} R@1 {fmt(f['recall@1'], 4)} mAP {fmt(f['map'], 4)}"
+                           for g, f in groups.items() if f["queries"]]
+                print(f"{found['edge']} {variant} -> {found['cloud']} gallery: " + ", ".join(figures))
             if "int8_vs_fp32" in found:
                 print("int8 vs fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in found["int8_vs_fp32"].items()))
             print("wrote " + ", ".join(found["written"]))

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from edge.choice import device_variant, newest
+from edge.choice import device_variant
 from models.match import MATCHES
 from models.preprocess import load_image
 
@@ -55,7 +55,7 @@ def encode_photos(release_folder: str | Path, photos: Sequence[str | Path], mode
     from models.release import Release
 
     release = Release.load(release_folder, verify=True)
-    entry = release.manifest.model(model_id) if model_id else newest(release.manifest, "edge")
+    entry = release.manifest.model(model_id) if model_id else release.manifest.newest("edge")
     variant = variant or device_variant(entry)
     images = [load_image(photo) for photo in photos]
     vectors = release.encoder(entry.id, variant, threads=threads).encode_images(images)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import NoReturn
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("training.cli", "Cache frozen trunk features of the benchmark photos (speeds up training)."),
@@ -28,6 +29,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify-release": ("server.cli", "Check through a real server that the release reproduces its manifest's figures."),
     "neardup": ("server.cli", "Near-duplicate search: edge queries must find the original in the cloud gallery."),
 }
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `concord: message` on stderr and exit with `code` (SystemExit: Typer passes it through)."""
+    print(f"concord: {message}", file=sys.stderr)
+    raise SystemExit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,14 +15,7 @@ from models.manifest import Manifest
 
 def lineage(manifest: Manifest, model_id: str) -> set[str]:
     """Every ancestor of `model_id` (its parents, their parents, ...), without the model itself."""
-    seen: set[str] = set()
-    todo = list(manifest.model(model_id).parents)
-    while todo:
-        parent = todo.pop()
-        if parent not in seen and parent != model_id:
-            seen.add(parent)
-            todo.extend(manifest.model(parent).parents)
-    return seen
+    return manifest.ancestors(model_id)
 
 
 def family(manifest: Manifest, model_id: str) -> set[str]:

@@ -106,6 +106,46 @@ class Manifest:
         except KeyError:
             raise KeyError(f"unknown model {model_id!r}; this release holds {sorted(self.models)}") from None
 
+    def of_role(self, role: str) -> list[ModelEntry]:
+        """The models of `role`, oldest first: by version, then id (the one tie-break of the project)."""
+        return sorted((e for e in self.models.values() if e.role == role), key=lambda e: (e.version, e.id))
+
+    def newest(self, role: str) -> ModelEntry:
+        """The model of `role` with the highest version (KeyError when the release holds none)."""
+        return self._ends(role)[-1]
+
+    def oldest(self, role: str) -> ModelEntry:
+        """The model of `role` with the lowest version (KeyError when the release holds none)."""
+        return self._ends(role)[0]
+
+    def _ends(self, role: str) -> list[ModelEntry]:
+        entries = self.of_role(role)
+        if not entries:
+            raise KeyError(f"the release holds no {role} model; it holds {sorted(self.models)}")
+        return entries
+
+    def ancestors(self, model_id: str) -> set[str]:
+        """Every ancestor of `model_id` (its parents, their parents, ...), without the model itself."""
+        seen: set[str] = set()
+        todo = list(self.model(model_id).parents)
+        while todo:
+            parent = todo.pop()
+            if parent not in seen and parent != model_id:
+                seen.add(parent)
+                todo.extend(self.model(parent).parents)
+        return seen
+
+    def cloud_of(self, edge_id: str) -> ModelEntry:
+        """The cloud model an edge model pairs with, by lineage: its cloud ancestor of the same version, else its
+        newest cloud ancestor in its space (KeyError when it descends from none)."""
+        edge = self.model(edge_id)
+        clouds = [self.models[m] for m in self.ancestors(edge_id)]
+        clouds = [c for c in clouds if c.role == "cloud" and c.space == edge.space]
+        same = [c for c in clouds if c.version == edge.version]
+        if not (same or clouds):
+            raise KeyError(f"{edge_id!r} descends from no cloud model of its space {edge.space!r}")
+        return max(same or clouds, key=lambda e: (e.version, e.id))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA_VERSION,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import shutil
 import threading
 from collections.abc import Mapping
@@ -18,6 +19,13 @@ from models.manifest import Manifest, ModelFile
 from models.runtime import EncoderError, OnnxEncoder
 
 CHUNK = 1 << 20
+SHIPPED_RELEASE = Path(__file__).resolve().parent / "release"
+"""The release shipped inside the package: what every command uses when told nothing else."""
+
+
+def resolve_release(path: str | Path | None = None) -> Path:
+    """The release folder: the argument, else $CONCORD_RELEASE, else the shipped `models/release`."""
+    return Path(path or os.environ.get("CONCORD_RELEASE") or SHIPPED_RELEASE)
 
 
 class ReleaseError(ValueError):

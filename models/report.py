@@ -100,3 +100,8 @@ def context_markdown(data: dict[str, Any]) -> str:
             f"- machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['platform']}, "
             f"load {m.get('load_average_1_5_15')}\n"
             f"- versions: {', '.join(f'{k} {val}' for k, val in v.items())}\n")
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    """A figure for a table with `digits` decimals; '-' for a missing one (e.g. an empty query subset)."""
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -59,7 +59,7 @@ def cloud_throughput(release: Any, photos: list[bytes], config: EncodeConfig) ->
     """Photos/s of every cloud model at batch `config.batch`: from bytes (with decoding) and from tensors."""
     from models.preprocess import load_image, preprocess
 
-    clouds = sorted((e for e in release.manifest.models.values() if e.role == "cloud"), key=lambda e: e.version)
+    clouds = release.manifest.of_role("cloud")
     groups = batches(photos, config.batch)
     if not groups:
         raise ValueError(f"need at least {config.batch} photos for batches of {config.batch}, got {len(photos)}")
@@ -117,13 +117,12 @@ def _decode(data: bytes, spec: Any, _round: int) -> np.ndarray:
 def device_files_latency(release_folder: Path, photo: Path, config: EncodeConfig) -> list[dict[str, Any]]:
     """Batch-1, one-thread latency of every device file of the newest edge model and of its cloud model's
     server file, on one photo, interleaved round by round."""
-    from edge.choice import cloud_of, newest
     from models.preprocess import load_image, preprocess
     from models.release import Release
 
     release = Release.load(release_folder)
-    edge = newest(release.manifest, "edge")
-    cloud = cloud_of(release.manifest, edge)
+    edge = release.manifest.newest("edge")
+    cloud = release.manifest.cloud_of(edge.id)
     chosen = [(f"edge {f.precision}", edge, name) for name, f in sorted(edge.variants.items())
               if name.startswith("device")] + [("cloud fp32", cloud, "server")]
     data = photo.read_bytes()

@@ -100,8 +100,3 @@ def figure(path: Path, draw: Callable[[Any], None], size: tuple[float, float] = 
     finally:
         plt.close(fig)
     return path
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    """A figure for a table; '-' for a missing one."""
-    return "-" if value is None else f"{value:.{digits}f}"

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.report import context_markdown, table
-from server.bench_report import figure, fmt, write_text
+from models.report import context_markdown, fmt, table
+from server.bench_report import figure, write_text
 
 PARTS = ("search", "encode", "upgrade")
 

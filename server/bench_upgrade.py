@@ -22,7 +22,7 @@ from server.bench_report import latency_ms
 
 def cloud_pair(release: Any) -> tuple[str, str]:
     """(old, new): the cloud models of the lowest and the highest version."""
-    clouds = sorted((e for e in release.manifest.models.values() if e.role == "cloud"), key=lambda e: (e.version, e.id))
+    clouds = release.manifest.of_role("cloud")
     if len(clouds) < 2:
         raise ValueError(f"an upgrade needs two cloud models; release holds {[e.id for e in clouds]}")
     return clouds[0].id, clouds[-1].id

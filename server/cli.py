@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from models.cli import fail
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """Print `concord: message` on stderr and exit with `code`."""
-    print(f"concord: {message}", file=sys.stderr)
-    raise typer.Exit(code)
 
 
 @app.command()

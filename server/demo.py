@@ -109,13 +109,10 @@ class Demo:
 
     def __init__(self, config: DemoConfig, server: Any, work: Path, say: Callable[[str], None]) -> None:
         from models.release import Release
-        from server.neardup import chain
-
         self.config, self.server, self.work, self.say = config, server, work, say
         self.release = Release.load(config.release)
-        self.chain = chain(self.release.manifest)
         manifest = self.release.manifest
-        space = manifest.spaces[manifest.model(self.chain.new_edge).space]
+        space = manifest.spaces[manifest.newest("edge").space]
         self.match = "duplicate" if space.fingerprint else "similar"
         """The query is a copy of a photo: search for duplicates when the space has a photo fingerprint."""
 
@@ -149,9 +146,10 @@ class Demo:
 
     def run(self, first: list[tuple[str, bytes]], later: list[tuple[str, bytes]], query_of: str) -> bool:
         """Every step; True when each search found the query's original first."""
-        c = self.chain
-        say = self.say
-        say(f"\n1. Index {len(first)} photos; the server encodes them with {c.old_cloud}")
+        manifest, say = self.release.manifest, self.say
+        old_cloud, new_cloud = manifest.oldest("cloud").id, manifest.newest("cloud").id
+        old_edge, new_edge = manifest.oldest("edge").id, manifest.newest("edge").id
+        say(f"\n1. Index {len(first)} photos; the server encodes them with {old_cloud}")
         say(table(["id", "photo", "encoded by"], self.index(first)))
         query = self.work / "query.jpg"
         original = dict(first)[query_of]
@@ -159,13 +157,13 @@ class Demo:
         say(f"\n2. Search from the device. Query: '{query_of}' cropped to {QUERY_KEEP:.0%}, resized "
             f"{QUERY_SCALE:g}x, JPEG quality {QUERY_QUALITY} (not in the gallery); only its embedding is sent")
         tops = {}
-        rows, tops[f"{c.old_edge} before"], note = self.search(query, c.old_edge)
+        rows, tops[f"{old_edge} before"], note = self.search(query, old_edge)
         say(f"   {note}")
         say(table(["rank", "photo", "score", "gallery model"], rows))
-        say(f"\n3. Upgrade the server: {c.old_cloud} -> {c.new_cloud} (POST /v1/models/upgrade)")
+        say(f"\n3. Upgrade the server: {old_cloud} -> {new_cloud} (POST /v1/models/upgrade)")
         before = self.server.get("/v1/stats")
         start = time.perf_counter()
-        answer = self.server.post("/v1/models/upgrade", json={"model_id": c.new_cloud})
+        answer = self.server.post("/v1/models/upgrade", json={"model_id": new_cloud})
         took = time.perf_counter() - start
         after = self.server.get("/v1/stats")
         gate = answer.get("gate") or {}
@@ -179,8 +177,8 @@ class Demo:
             f"as they were")
         say(f"\n4. Index {len(later)} more photos; the server now encodes them with {answer['active_model']}")
         say(table(["id", "photo", "encoded by"], self.index(later)))
-        say(f"\n5. The same query after the upgrade, from the new app ({c.new_edge}) and an old one ({c.old_edge})")
-        for edge_id in dict.fromkeys((c.new_edge, c.old_edge)):
+        say(f"\n5. The same query after the upgrade, from the new app ({new_edge}) and an old one ({old_edge})")
+        for edge_id in dict.fromkeys((new_edge, old_edge)):
             rows, tops[f"{edge_id} after"], note = self.search(query, edge_id)
             say(f"   {note}")
             say(table(["rank", "photo", "score", "gallery model"], rows))
@@ -208,9 +206,7 @@ def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> int:
         raise DemoError(f"{data_dir}: not empty; the demo needs an empty (or absent) data folder")
     try:
         from models.manifest import Manifest
-        from server.neardup import chain
-
-        old_cloud = chain(Manifest.load(config.release)).old_cloud
+        old_cloud = Manifest.load(config.release).oldest("cloud").id
         start = time.perf_counter()
         with Server(config.release, data_dir, work / "server.log", model=old_cloud, threads=config.threads,
                     start_timeout=120) as server:

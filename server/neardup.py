@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from models.manifest import Manifest, ModelEntry, Space
+from models.manifest import ModelEntry, Space
 from models.match import parts, query_vectors
 from models.neardup import Transform, near_duplicate
 
@@ -43,27 +43,6 @@ MATCH_MEANING = {
     ALONE: "the unit fingerprint parts of query and gallery vectors alone, semantic parts ignored (ablation: how "
            "much of the duplicate result is the pixel fingerprint rather than the models)",
 }
-
-
-@dataclass(frozen=True)
-class Chain:
-    """The release's models in order: oldest and newest cloud, oldest and newest edge."""
-
-    old_cloud: str
-    new_cloud: str
-    old_edge: str
-    new_edge: str
-
-
-def chain(manifest: Manifest) -> Chain:
-    """Oldest/newest cloud and edge models by version (a release must hold at least one of each)."""
-    found = {}
-    for role in ("cloud", "edge"):
-        entries = sorted((e for e in manifest.models.values() if e.role == role), key=lambda e: (e.version, e.id))
-        if not entries:
-            raise ValueError(f"the release holds no {role} model; it holds {sorted(manifest.models)}")
-        found[role] = entries
-    return Chain(found["cloud"][0].id, found["cloud"][-1].id, found["edge"][0].id, found["edge"][-1].id)
 
 
 def query_variant(entry: ModelEntry) -> str:
@@ -146,8 +125,8 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
 
     release = Release.load(config.release)
     manifest = release.manifest
-    order = chain(manifest)
-    gallery_id = config.gallery_model or order.old_cloud
+    new_edge = manifest.newest("edge").id
+    gallery_id = config.gallery_model or manifest.oldest("cloud").id
     gallery_entry = manifest.model(gallery_id)
     folder, names = image_dir(config.data), read_list(config.data, "test.txt", keep_background=True)
     paths = [folder / n for n in names]
@@ -166,7 +145,7 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
     originals = [load_image(paths[i]) for i in picks]
     made = [near_duplicate(image, rng, config.transform) for image in originals]
     images = [load_image(data) for data, _ in made]
-    query_ids = [m for m in dict.fromkeys((order.new_edge, order.old_edge, order.new_cloud, gallery_id))]
+    query_ids = list(dict.fromkeys((new_edge, manifest.oldest("edge").id, manifest.newest("cloud").id, gallery_id)))
     twins = [by_hash[hashes[i]] for i in picks]
     space = manifest.spaces[gallery_entry.space]
     headline_match = "duplicate" if space.fingerprint else "similar"
@@ -180,10 +159,10 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
         control = np.asarray(encoder.encode_images(originals), dtype=np.float32)
         base = {"query_model": model_id, "variant": variant, "gallery_model": gallery_id}
         rows += [{**base, **judge.row(match, found, control, space)} for match in ("duplicate", "similar")]
-        if model_id == order.new_edge:
+        if model_id == new_edge:
             alone = {**base, **judge.row(ALONE, found, control, space)}
     rows += [alone] if alone else []
-    headline = next(r for r in rows if r["query_model"] == order.new_edge and r["match"] == headline_match)
+    headline = next(r for r in rows if r["query_model"] == new_edge and r["match"] == headline_match)
     result: dict[str, Any] = {
         **report.header(), "release": report.shown_path(release.folder), "release_name": manifest.release,
         "protocol": {"gallery": len(paths), "gallery_source": f"{config.data}/test.txt with BACKGROUND_Google",

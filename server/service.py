@@ -405,10 +405,9 @@ def check_store_fits(settings: Settings) -> None:
 
 def newest_cloud(manifest: Manifest) -> str:
     """The cloud model of highest version: what a new store indexes with unless told otherwise."""
-    clouds = [e for e in manifest.models.values() if e.role == "cloud"]
-    if not clouds:
+    if not manifest.of_role("cloud"):
         raise ValueError(f"release {manifest.release!r} holds no cloud model to index photos with")
-    return max(clouds, key=lambda e: (e.version, e.id)).id
+    return manifest.newest("cloud").id
 
 
 def _cloud_entry(manifest: Manifest, model_id: str, setting: str) -> ModelEntry:

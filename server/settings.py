@@ -13,9 +13,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from models.release import SHIPPED_RELEASE
+
 PREFIX = "CONCORD_"
-DEFAULT_RELEASE = Path(__file__).resolve().parent.parent / "models" / "release"
-"""The release shipped inside the package (`models/release/`)."""
 ACTIVE_MODEL_KEY = "active_cloud_model"
 """The store setting that records which cloud model indexes new photos (durable across restarts)."""
 TRUE = ("1", "true", "yes", "on")
@@ -30,7 +30,7 @@ class SettingsError(ValueError):
 class Settings:
     """Everything `create_app` needs. Paths are resolved when the app starts, not here."""
 
-    release: Path = DEFAULT_RELEASE
+    release: Path = SHIPPED_RELEASE
     """Release folder: manifest.json and the ONNX files it names (sha256-verified at start)."""
     data_dir: Path = Path("concord-data")
     """Where the embedded gallery store (SQLite catalogue, FAISS index, photo bytes) lives."""

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from models.manifest import Manifest
+from models.report import fmt
 
 STEM = "verify"
 DEFAULT_OUT = Path("reports/release")
@@ -63,14 +64,13 @@ class VerifyConfig:
 def default_pairs(manifest: Manifest) -> list[Pair]:
     """newest edge (device file) -> oldest cloud, and newest cloud -> newest cloud (required); the newest edge's
     fp32 server file (when the release ships one) -> oldest cloud for diagnosis (what quantisation moves)."""
-    from server.neardup import chain, query_variant
+    from server.neardup import query_variant
 
-    order = chain(manifest)
-    edge = manifest.model(order.new_edge)
+    edge, old_cloud, new_cloud = manifest.newest("edge"), manifest.oldest("cloud").id, manifest.newest("cloud").id
     device = query_variant(edge)
-    pairs = [Pair(order.new_edge, order.old_cloud, device), Pair(order.new_cloud, order.new_cloud, "server")]
+    pairs = [Pair(edge.id, old_cloud, device), Pair(new_cloud, new_cloud, "server")]
     if device != "server" and edge.variants[device].file != edge.file:  # a slim release ships the device file only
-        pairs.append(Pair(order.new_edge, order.old_cloud, "client-fp32", required=False))
+        pairs.append(Pair(edge.id, old_cloud, "client-fp32", required=False))
     return pairs
 
 
@@ -240,10 +240,6 @@ def _row(manifest: Manifest, pair: Pair, measured: dict[str, Any], config: Verif
             "passed": difference is not None and abs(difference) <= config.tolerance}
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def _verdict(row: dict[str, Any]) -> str:
     return ("PASS" if row["passed"] else "FAIL") + ("" if row["required"] else " (diagnostic)")
 
@@ -251,7 +247,7 @@ def _verdict(row: dict[str, Any]) -> str:
 def _line(row: dict[str, Any]) -> str:
     m = row["measured"]["all"]
     return (f"M({row['query_model']} [{row['query_file']}], {row['gallery_model']}) Recall@1 {m['recall@1']:.4f}, "
-            f"manifest {_fmt(row['manifest']['recall@1'])}, difference {_fmt(row['difference_recall@1'])}: "
+            f"manifest {fmt(row['manifest']['recall@1'], 4)}, difference {fmt(row['difference_recall@1'], 4)}: "
             f"{_verdict(row)}")
 
 
@@ -260,10 +256,11 @@ def markdown(result: dict[str, Any]) -> str:
     from models import report
 
     p = result["protocol"]
-    rows = [[r["query_model"], r["query_file"], r["gallery_model"], _fmt(r["measured"]["all"]["recall@1"]),
-             _fmt(r["manifest"]["recall@1"]), _fmt(r["difference_recall@1"]), _fmt(r["measured"]["all"]["recall@5"]),
-             _fmt(r["manifest"]["recall@5"]), _fmt(r["measured"]["old"]["recall@1"]),
-             _fmt(r["measured"]["new"]["recall@1"]),
+    rows = [[r["query_model"], r["query_file"], r["gallery_model"], fmt(r["measured"]["all"]["recall@1"], 4),
+             fmt(r["manifest"]["recall@1"], 4), fmt(r["difference_recall@1"], 4),
+             fmt(r["measured"]["all"]["recall@5"], 4),
+             fmt(r["manifest"]["recall@5"], 4), fmt(r["measured"]["old"]["recall@1"], 4),
+             fmt(r["measured"]["new"]["recall@1"], 4),
              _verdict(r)] for r in result["results"]]
     stores = [[g, str(s["photos"]), str(s["sent"]), str(s["already_stored"]), str(s["byte_identical_copies"]),
                str(s["byte_identical_with_other_label"]), str(s["photos_per_s"] or "-")]

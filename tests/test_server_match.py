@@ -16,8 +16,8 @@ from PIL import Image
 from models.manifest import Manifest
 from models.match import query_vectors
 from models.neardup import near_duplicate
-from models.release import Release
-from server.settings import DEFAULT_RELEASE, Settings
+from models.release import SHIPPED_RELEASE, Release
+from server.settings import Settings
 from tests.conftest import TINY_FINGERPRINT
 from tests.server_helpers import WRITE, add_photos, in_process, tiny_settings
 
@@ -151,10 +151,10 @@ def test_duplicate_finds_the_original_from_the_edge(fingerprinted_release: Path,
 def test_shipped_release_duplicate_finds_the_original_from_the_edge(
         sample_photos: dict[str, bytes], tmp_path: Path) -> None:
     """End to end with the shipped release: an edge-v2 near-duplicate finds its original in a cloud-v1 gallery."""
-    manifest = Manifest.load(DEFAULT_RELEASE)
+    manifest = Manifest.load(SHIPPED_RELEASE)
     space = manifest.spaces[manifest.model("edge-v2").space]
     if space.fingerprint is None:
         pytest.skip(f"the shipped release's space {space.id!r} has no photo fingerprint yet (duplicate match "
                     f"needs one)")
-    top = duplicate_top_hits(Path(DEFAULT_RELEASE), tmp_path / "data", sample_photos)
+    top = duplicate_top_hits(Path(SHIPPED_RELEASE), tmp_path / "data", sample_photos)
     assert top == {name: name for name in sample_photos}

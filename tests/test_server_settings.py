@@ -6,15 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from models.release import SHIPPED_RELEASE
 from server.security import AuthError, check_key, sniff_image
-from server.settings import DEFAULT_RELEASE, Settings, SettingsError
+from server.settings import Settings, SettingsError
 from tests.server_helpers import bomb_png, make_photo
 
 
 def test_defaults_serve_the_shipped_release_on_loopback() -> None:
     settings = Settings.from_env({})
     assert settings.host == "127.0.0.1" and settings.port == 8000
-    assert settings.release == DEFAULT_RELEASE and DEFAULT_RELEASE.parts[-2:] == ("models", "release")
+    assert settings.release == SHIPPED_RELEASE and SHIPPED_RELEASE.parts[-2:] == ("models", "release")
     assert settings.data_dir == Path("concord-data")
     assert settings.api_key is None and settings.auth_reads is False and settings.keep_bytes is True
 

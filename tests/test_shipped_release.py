@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from models.release import Release
-from server.settings import DEFAULT_RELEASE, Settings
+from models.release import SHIPPED_RELEASE, Release
+from server.settings import Settings
 from tests.server_helpers import WRITE, add_photos, in_process
 
 
 def test_shipped_release_verifies_and_fits_60_mb() -> None:
-    release = Release.load(DEFAULT_RELEASE)
+    release = Release.load(SHIPPED_RELEASE)
     assert sorted(release.manifest.models) == ["cloud-v1", "cloud-v2", "edge-v1", "edge-v2"]
-    sizes = sum(path.stat().st_size for path in Path(DEFAULT_RELEASE).glob("*.onnx"))
+    sizes = sum(path.stat().st_size for path in Path(SHIPPED_RELEASE).glob("*.onnx"))
     assert sizes <= 60_000_000
     for entry in release.manifest.models.values():
         assert "CC BY 4.0" in entry.card["training_data"] and entry.card["recipe"]
@@ -26,8 +26,8 @@ def test_shipped_release_verifies_and_fits_60_mb() -> None:
 def test_default_server_answers_readyz_and_finds_a_photo_from_the_edge(
         sample_photos: dict[str, bytes], tmp_path: Path) -> None:
     """`concord serve`'s defaults: the shipped release; an edge-v2 (int8) query finds its own photo first."""
-    settings = Settings(release=DEFAULT_RELEASE, data_dir=tmp_path / "data", api_key=WRITE["X-API-Key"])
-    release = Release.load(DEFAULT_RELEASE)
+    settings = Settings(release=SHIPPED_RELEASE, data_dir=tmp_path / "data", api_key=WRITE["X-API-Key"])
+    release = Release.load(SHIPPED_RELEASE)
     edge = release.encoder("edge-v2", "device-int8")
     with in_process(settings) as client:
         assert client.get("/readyz").status_code == 200
