@@ -5,78 +5,23 @@ gallery is every `train.txt` photo (background included) encoded by the cloud mo
 relevant to a query of its own class. Figures: Recall@1, Recall@5 and mAP, overall and on old / new
 classes, plus how far int8 moves from fp32 (cosine, rank-1 agreement, negative flips).
 
-The split and the metrics are the benchmark's own, torch-free: `models.caltech` and `models.metrics`.
+The split, the metrics and the cached embeddings are the benchmark's own, torch-free: `models.benchmark`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models import report
-from models.atomic import write_atomic
-from models.caltech import BACKGROUND, NUM_OLD_CLASSES, load_benchmark
-from models.preprocess import ImageError, load_image
-from models.report import fmt
+from models.benchmark import report
+from models.benchmark.caltech import BACKGROUND, NUM_OLD_CLASSES, Split, load_split
+from models.benchmark.embeddings import cached, encode_paths, names_digest
+from models.benchmark.report import fmt
 
 STEM = "device_accuracy"
 DEFAULT_CACHE = Path("cache/edge")
-CHUNK = 64
-
-
-@dataclass(frozen=True)
-class Split:
-    """Photos of the benchmark split with class labels (-1: distractor)."""
-
-    image_dir: Path
-    gallery: list[str]
-    gallery_labels: np.ndarray
-    queries: list[str]
-    query_labels: np.ndarray
-
-
-def load_split(root: str | Path | None = None) -> Split:
-    """The benchmark split (`models.caltech`): train.txt as the gallery (background kept), test.txt queries."""
-    bench = load_benchmark(root)
-    return Split(bench.image_dir, list(bench.gallery.paths), bench.gallery.labels, list(bench.queries.paths),
-                 bench.queries.labels)
-
-
-def encode_paths(encoders: Sequence[Any], paths: Sequence[Path], progress: str = "") -> list[np.ndarray]:
-    """Decode photos in chunks and encode each chunk with every encoder (one decoding for all)."""
-    out: list[list[np.ndarray]] = [[] for _ in encoders]
-    show = _progress(len(paths), progress)
-    for start in range(0, len(paths), CHUNK):
-        images = []
-        for path in paths[start:start + CHUNK]:
-            try:
-                images.append(load_image(path))
-            except ImageError as err:
-                raise ImageError(f"benchmark photo unusable: {err}") from None
-        for i, encoder in enumerate(encoders):
-            out[i].append(np.asarray(encoder.encode_images(images), dtype=np.float32))
-        show(start + len(images))
-    return [np.concatenate(chunks) for chunks in out]
-
-
-def cached(cache_dir: Path, key: str, make: Callable[[], np.ndarray]) -> np.ndarray:
-    """Load `<key>.npy` from the cache, or make it and save it there (atomically)."""
-    path = cache_dir / f"{key}.npy"
-    if path.is_file():
-        return np.asarray(np.load(path))
-    array = make()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    write_atomic(path, buffer.getbuffer())
-    return array
 
 
 def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_id: str | None = None,
@@ -104,7 +49,7 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
     def encode_gallery() -> np.ndarray:
         return encode_paths([release.encoder(cloud.id, "server")], gallery_paths, f"gallery ({cloud.id})")[0]
 
-    gallery = cached(cache, f"gallery-{cloud.id}-{cloud.sha256[:16]}-{_digest(split.gallery)}", encode_gallery)
+    gallery = cached(cache, f"gallery-{cloud.id}-{cloud.sha256[:16]}-{names_digest(split.gallery)}", encode_gallery)
     queries = {}
     for variant in variants:
 
@@ -112,8 +57,8 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
             return encode_paths([release.encoder(edge.id, v)], query_paths, f"queries ({v})")[0]
 
         sha = edge.variants[variant].sha256
-        queries[variant] = cached(cache, f"queries-{edge.id}-{sha[:16]}-{_digest(split.queries)}", encode_queries)
-    from models.metrics import evaluate_retrieval  # torch-free (numpy + faiss): the benchmark's metrics
+        queries[variant] = cached(cache, f"queries-{edge.id}-{sha[:16]}-{names_digest(split.queries)}", encode_queries)
+    from models.benchmark.metrics import evaluate_retrieval  # torch-free (numpy + faiss): the benchmark's metrics
 
     old = (split.query_labels >= 0) & (split.query_labels < NUM_OLD_CLASSES)
     found = {v: evaluate_retrieval(q, gallery, split.query_labels, split.gallery_labels, old)
@@ -121,7 +66,7 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
     result: dict[str, Any] = {
         **report.header(), "release": report.shown_path(release.folder), "edge": edge.id, "cloud": cloud.id,
         "protocol": {"queries": len(query_paths), "gallery": len(gallery_paths), "thinned_to": limit,
-                     "data": str(split.image_dir.parent), "metrics": "models.metrics.evaluate_retrieval"},
+                     "data": str(split.image_dir.parent), "metrics": "models.benchmark.metrics.evaluate_retrieval"},
         "figures": {v: r.to_dict() for v, r in found.items()},
     }
     if "device-int8" in queries and "device-fp32" in queries:
@@ -135,7 +80,7 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
 def _agreement(fp32: np.ndarray, int8: np.ndarray, gallery: np.ndarray, hits_fp32: np.ndarray,
                hits_int8: np.ndarray) -> dict[str, float]:
     """How far int8 queries move from fp32: cosine, same rank-1 photo, negative and positive flips."""
-    from models.metrics import flip_rates
+    from models.benchmark.metrics import flip_rates
 
     cosine = np.sum(fp32 * int8, axis=1)
     top_a, top_b = np.argmax(fp32 @ gallery.T, axis=1), np.argmax(int8 @ gallery.T, axis=1)
@@ -152,18 +97,6 @@ def _thin(split: Split, limit: int | None) -> Split:
     q = max(1, len(split.queries) // limit)
     return Split(split.image_dir, split.gallery[::g], split.gallery_labels[::g], split.queries[::q],
                  split.query_labels[::q])
-
-
-def _digest(names: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
-
-
-def _progress(total: int, label: str) -> Callable[[int], None]:
-    def show(done: int) -> None:
-        if label:
-            end = "\n" if done >= total else ""
-            print(f"\r  encoding {label}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-    return show
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from models import report
+from models.benchmark import report
 from models.preprocess import load_image, preprocess
 
 STEM = "device_bench"

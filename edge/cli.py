@@ -186,10 +186,11 @@ def device_bench(
     out_dir: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/edge"),
 ) -> None:
     """Time batch-1 encoding of edge fp32, edge int8 and the cloud encoder; optionally their accuracy."""
-    from edge.accuracy import load_split, run_accuracy
+    from edge.accuracy import run_accuracy
     from edge.bench import BenchConfig, print_table, run_bench
+    from models.benchmark.caltech import load_split
+    from models.benchmark.report import fmt
     from models.release import resolve_release
-    from models.report import fmt
 
     folder = resolve_release(release)
     try:

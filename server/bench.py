@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from models.report import shown_path
+from models.benchmark.report import header, shown_path, write_json
 from server import bench_summary
 from server.bench_data import DEFAULT_EMBEDDINGS, Mixture, mixture_for, seeded_mixture
 from server.bench_encode import EncodeConfig, default_photos
-from server.bench_report import DEFAULT_OUT, header, write_json
 from server.bench_search import IndexConfig, usable_cores
 
+DEFAULT_OUT = Path("reports/bench")
 PARTS = ("search", "encode", "upgrade")
 DEFAULT_EVALUATION = Path("reports/benchmark/caltech101.json")
 API_TARGET_RATIO = 1.5

@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from models.caltech import data_root
-from models.report import shown_path
-from server.bench_report import interleave, latency_ms
+from models.benchmark.caltech import data_root
+from models.benchmark.report import interleave, latency_ms, shown_path
 
 
 def default_photos() -> Path:

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from models.benchmark.report import interleave, latency_ms
 from server.bench_api import Server
-from server.bench_report import interleave, latency_ms
 
 BATCH = 20_000
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from server.bench_report import interleave, latency_ms, rss_bytes
+from models.benchmark.report import interleave, latency_ms, rss_bytes
 
 TIE_EPS = 1e-5
 

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.report import context_markdown, fmt, table
-from server.bench_report import figure, write_text
+from models.benchmark.report import context_markdown, figure, fmt, table, write_text
 
 PARTS = ("search", "encode", "upgrade")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from models.benchmark.report import latency_ms
 from server.bench_api import Server
-from server.bench_report import latency_ms
 
 
 def cloud_pair(release: Any) -> tuple[str, str]:

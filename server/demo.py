@@ -85,7 +85,7 @@ def folder_photos(folder: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str
 
 def query_photo(data: bytes) -> bytes:
     """A near-duplicate of a photo (not in the gallery): crop to 90% centre, resize 0.6x, JPEG quality 60."""
-    from models.neardup import recompress
+    from models.benchmark.transforms import recompress
     from models.preprocess import load_image
 
     image = load_image(data)

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from models.benchmark.transforms import Transform, near_duplicate
 from models.manifest import ModelEntry, Space
 from models.match import parts, query_vectors
-from models.neardup import Transform, near_duplicate
 
 STEM = "neardup"
 DEFAULT_OUT = Path("reports/neardup")
@@ -117,9 +117,9 @@ class Judge:
 
 def run_neardup(config: NeardupConfig) -> dict[str, Any]:
     """Encode the gallery (cached), make and encode the near-duplicates, score every query model, write reports."""
-    from edge.accuracy import cached, encode_paths
-    from models import report
-    from models.caltech import image_dir, read_list
+    from models.benchmark import report
+    from models.benchmark.caltech import image_dir, read_list
+    from models.benchmark.embeddings import cached, encode_paths, names_digest
     from models.preprocess import load_image
     from models.release import Release
 
@@ -132,7 +132,7 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
     paths = [folder / n for n in names]
     if config.queries > len(paths):
         raise ValueError(f"{config.queries} queries asked for, but the gallery holds only {len(paths)} photos")
-    digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    digest = names_digest(names)
     gallery_encoder = release.encoder(gallery_id, "server", threads=config.threads)
     gallery = cached(config.cache, f"gallery-{gallery_id}-{gallery_entry.sha256[:16]}-{digest}",
                      lambda: encode_paths([gallery_encoder], paths, f"gallery ({gallery_id}, {len(paths)} photos)")[0])
@@ -189,7 +189,7 @@ def run_neardup(config: NeardupConfig) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The near-duplicate report as markdown."""
-    from models import report
+    from models.benchmark import report
 
     p, t = result["protocol"], result["target"]
     rows = [_markdown_row(r) for r in result["results"]]
@@ -233,7 +233,7 @@ def main(release: Path | None, data: Path | None, out: Path, cache: Path, querie
     """`concord neardup`: 0 when the newest edge model reaches the Recall@1 target (in duplicate match when the
     space has a fingerprint), 1 otherwise."""
 
-    from models.caltech import data_root
+    from models.benchmark.caltech import data_root
     from server.settings import Settings
 
     config = NeardupConfig(release=release or Settings.from_env().release,

@@ -15,15 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from models.benchmark.embeddings import cached, encode_paths, names_digest
+from models.benchmark.report import fmt
 from models.manifest import Manifest
-from models.report import fmt
 
 STEM = "verify"
 DEFAULT_OUT = Path("reports/release")
@@ -79,10 +79,6 @@ def manifest_figure(manifest: Manifest, query: str, gallery: str, metric: str) -
     from models.gate import figure
 
     return figure(manifest, manifest.model(query), query, gallery, metric)
-
-
-def _digest(*parts: str) -> str:
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
@@ -169,9 +165,8 @@ def figures(found: list[list[int]], labels: np.ndarray, old_classes: int) -> dic
 
 def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[str, Any]:
     """Index the gallery of every gallery model through its own server, search every pair, compare, write."""
-    from edge.accuracy import cached, encode_paths, load_split
-    from models import report
-    from models.caltech import NUM_OLD_CLASSES
+    from models.benchmark import report
+    from models.benchmark.caltech import NUM_OLD_CLASSES, load_split
     from models.release import Release
     from server.bench_api import Server
 
@@ -179,7 +174,7 @@ def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[st
     manifest = release.manifest
     pairs = pairs or default_pairs(manifest)
     split = load_split(config.data)
-    gallery_paths_digest = _digest(str(split.image_dir.resolve()), *split.gallery)
+    gallery_paths_digest = names_digest([str(split.image_dir.resolve()), *split.gallery])
     query_paths = [split.image_dir / q for q in split.queries]
     rows, stores = [], {}
     for gallery in dict.fromkeys(p.gallery for p in pairs):
@@ -200,7 +195,7 @@ def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[st
                                "vectors": stats["vectors"]}
             print(f"gallery {gallery}: {stats['vectors_total']} vectors ({indexing['sent']} sent now)", flush=True)
             for pair in (p for p in pairs if p.gallery == gallery):
-                found = _search_pair(server, release, pair, query_paths, split.queries, config, cached, encode_paths)
+                found = _search_pair(server, release, pair, query_paths, split.queries, config)
                 rows.append(_row(manifest, pair, figures(found, split.query_labels, NUM_OLD_CLASSES), config))
                 print(_line(rows[-1]), flush=True)
     required = [r for r in rows if r["required"]]
@@ -218,14 +213,13 @@ def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[st
 
 
 def _search_pair(server: Any, release: Any, pair: Pair, query_paths: list[Path], names: list[str],
-                 config: VerifyConfig, cached: Callable[..., np.ndarray], encode_paths: Callable[..., Any]
-                 ) -> list[list[int]]:
+                 config: VerifyConfig) -> list[list[int]]:
     if pair.variant == "server":
         return search_photos(server, query_paths, max(KS), config.progress)
     variant = "server" if pair.variant == "client-fp32" else pair.variant
     encoder = release.encoder(pair.query, variant, threads=config.threads)
     sha = release.file(pair.query, variant).sha256
-    vectors = cached(config.work, f"queries-{pair.query}-{variant}-{sha[:12]}-{_digest(*names)}",
+    vectors = cached(config.work, f"queries-{pair.query}-{variant}-{sha[:12]}-{names_digest(names)}",
                      lambda: encode_paths([encoder], query_paths, f"queries ({pair.query} {variant})")[0])
     return search_embeddings(server, vectors, pair.query, max(KS), config.progress)
 
@@ -253,7 +247,7 @@ def _line(row: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The verification report as markdown."""
-    from models import report
+    from models.benchmark import report
 
     p = result["protocol"]
     rows = [[r["query_model"], r["query_file"], r["gallery_model"], fmt(r["measured"]["all"]["recall@1"], 4),
@@ -283,7 +277,7 @@ def main(release: Path | None, data: Path | None, work: Path, out: Path, toleran
          threads: int | None, progress: bool) -> int:
     """`concord verify-release`: 0 when every required pair matches its manifest figure, 1 otherwise."""
 
-    from models.caltech import data_root
+    from models.benchmark.caltech import data_root
     from server.settings import Settings
 
     config = VerifyConfig(release=release or Settings.from_env().release,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.benchmark.report import interleave, latency_ms
 from server.bench_data import EmbeddingSourceError, fitted_mixture, load_embeddings, mixture_for
-from server.bench_report import interleave, latency_ms
 from server.bench_search import recall_at_k
 from tests.edge_helpers import run_cli
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.accuracy import load_split, run_accuracy
+from edge.accuracy import run_accuracy
 from edge.bench import BenchConfig, run_bench
 from edge.photos import list_photos
 from edge.quantize import quantize_model
+from models.benchmark.caltech import load_split
 from tests.edge_helpers import copy_release, run_cli, write_photos
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.metrics import evaluate_retrieval, flip_rates
+from models.benchmark.metrics import evaluate_retrieval, flip_rates
 from training.evaluate import (
     DevicePair,
     FlipPair,
@@ -262,5 +262,6 @@ def test_markdown_table_has_a_row_per_pair(report: dict[str, Any]) -> None:
 
 
 def test_evaluation_never_imports_torch() -> None:
-    code = "import sys, models.metrics, models.caltech, training.evaluate; sys.exit('torch' in sys.modules)"
+    code = ("import sys, models.benchmark.metrics, models.benchmark.caltech, training.evaluate; "
+            "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

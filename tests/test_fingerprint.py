@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.neardup import near_duplicate
+from models.benchmark.transforms import near_duplicate
 from models.preprocess import Preprocess, load_image, preprocess, preprocess_batch
 from models.runtime import OnnxEncoder
 from tests.export_helpers import train_config

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from models.metrics import (
+from models.benchmark.metrics import (
     average_precision,
     average_precisions,
     ecc,

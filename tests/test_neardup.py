@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.neardup import Transform, near_duplicate
+from models.benchmark.transforms import Transform, near_duplicate
 from models.preprocess import load_image
 from server.neardup import NeardupConfig, run_neardup, scores
 from tests.caltech_helpers import make_caltech

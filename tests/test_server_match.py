@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from models.benchmark.transforms import near_duplicate
 from models.manifest import Manifest
 from models.match import query_vectors
-from models.neardup import near_duplicate
 from models.release import SHIPPED_RELEASE, Release
 from server.settings import Settings
 from tests.conftest import TINY_FINGERPRINT

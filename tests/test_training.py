@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance
 
-from models.caltech import load_benchmark
+from models.benchmark.caltech import load_benchmark
 from training.arch import ARCHS, build_encoder, pretrained_state_dict
 from training.losses import Batch, Influence, Regression, extend_old_classifier
 from training.trainer import TrainConfig, TrainData, embed_features, encoder_from_checkpoint, train

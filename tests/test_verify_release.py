@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.accuracy import load_split
+from models.benchmark.caltech import load_split
 from models.manifest import Manifest
 from models.preprocess import load_image
 from models.release import Release

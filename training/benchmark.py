@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.caltech import Benchmark, PhotoSet, load_benchmark
+from models.benchmark.caltech import Benchmark, PhotoSet, load_benchmark
 from training.cache import compute_features, feature_matrix, fingerprint_features
 from training.evaluate import (
     DevicePair,

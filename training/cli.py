@@ -31,7 +31,7 @@ def cache(data: DataOpt = None, cache_dir: CacheOpt = Path("cache")) -> None:
 def train(model: Annotated[str, typer.Argument(help="A recipe model id (e.g. cloud-v2) or a config .toml.")],
           data: DataOpt = None, cache_dir: CacheOpt = Path("cache"), runs: RunsOpt = Path("runs")) -> None:
     """Train one model from its experiment config; resumes an interrupted run."""
-    from models.caltech import load_benchmark
+    from models.benchmark.caltech import load_benchmark
     from training.benchmark import Paths, recipe_config, train_model
     from training.trainer import TrainConfig
 
@@ -101,7 +101,7 @@ def _export_photos(folder: Path | None, data: Path | None, count: int) -> list[P
         if not found:
             raise FileNotFoundError(f"{folder}: no photos (.jpg, .jpeg, .png, .webp) here")
     else:
-        from models.caltech import load_benchmark
+        from models.benchmark.caltech import load_benchmark
 
         bench = load_benchmark(data)
         found = [bench.image_dir / p for p in bench.queries.paths]
@@ -115,7 +115,7 @@ def fingerprint(data: DataOpt = None, space: Annotated[str, typer.Option(help="T
                                                               "spaces/<space>.npz).")] = None,
                 seed: int = 0) -> None:
     """Fit the space's photo fingerprint on the gallery photos and their near-duplicates (deterministic)."""
-    from models.caltech import load_benchmark
+    from models.benchmark.caltech import load_benchmark
     from training.fingerprint import fit_space, space_file
 
     bench = load_benchmark(data)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models.metrics import DISTRACTOR, RetrievalResult, ecc, evaluate_retrieval, flip_rates, mixed_gallery
+from models.benchmark.metrics import DISTRACTOR, RetrievalResult, ecc, evaluate_retrieval, flip_rates, mixed_gallery
 
 MAIN = "main"
 """Group of the models of the product chain; any other group names a baseline (e.g. "independent")."""

@@ -148,7 +148,7 @@ def fit_space(image_dir: Path, photos: list[str], out: Path, spec: FingerprintSp
 
     from tqdm import tqdm
 
-    from models.neardup import near_duplicate
+    from models.benchmark.transforms import near_duplicate
     from models.preprocess import Preprocess, load_image, preprocess
 
     def views(index: int) -> list[np.ndarray]:

@@ -1,7 +1,9 @@
-"""Benchmark reports of every part: the machine, the versions, the command, written as JSON and markdown."""
+"""Benchmark reports of every part: the machine, the versions, the command, timing statistics, memory readings,
+plots, written as JSON and markdown."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -9,9 +11,12 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from models.atomic import write_atomic
 
@@ -39,9 +44,11 @@ def machine() -> dict[str, Any]:
 def versions() -> dict[str, str]:
     """Versions of Python, the packages that run the models, and the project's git commit."""
     found = {"python": sys.version.split()[0]}
-    for package in ("concord", "onnxruntime", "onnx", "numpy", "pillow"):
+    packages = {"concord": "concord", "onnxruntime": "onnxruntime", "onnx": "onnx", "numpy": "numpy",
+                "pillow": "pillow", "faiss": "faiss-cpu"}
+    for name, package in packages.items():
         try:
-            found[package] = metadata.version(package)
+            found[name] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
     try:
@@ -105,3 +112,79 @@ def context_markdown(data: dict[str, Any]) -> str:
 def fmt(value: float | None, digits: int = 2) -> str:
     """A figure for a table with `digits` decimals; '-' for a missing one (e.g. an empty query subset)."""
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def latency_ms(samples_ns: Sequence[int]) -> dict[str, float]:
+    """p50, p90, p99, mean, min and max of per-call times, in milliseconds, and the count."""
+    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    if ms.size == 0:
+        raise ValueError("no timings to summarise")
+    return {"p50": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "min": float(ms.min()),
+            "max": float(ms.max()), "runs": int(ms.size)}
+
+
+def interleave(calls: dict[str, Callable[[int], Any]], rounds: int) -> dict[str, list[int]]:
+    """Time `calls[name](round)` once per round for every name, rotating which goes first each round.
+
+    A busy moment of a shared machine then hits every contender alike: comparisons come from one run.
+    """
+    names = list(calls)
+    times: dict[str, list[int]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter_ns()
+            calls[name](round_)
+            times[name].append(time.perf_counter_ns() - start)
+    return times
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc), 0 where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def write_json(folder: Path, stem: str, data: dict[str, Any]) -> Path:
+    """Write `<stem>.json` atomically (temporary file, fsync, then rename)."""
+    return write_text(folder / f"{stem}.json", json.dumps(data, indent=2, default=_plain) + "\n")
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write a text file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text.encode())
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to a report")
+
+
+def figure(path: Path, draw: Callable[[Any], None], size: tuple[float, float] = (6.0, 3.6)) -> Path:
+    """Draw one small PNG (Agg backend, 90 dpi) with `draw(axes)` and save it atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(figsize=size, dpi=90)
+    try:
+        draw(axes)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=90)
+        write_atomic(path, buffer.getbuffer())
+    finally:
+        plt.close(fig)
+    return path

@@ -96,3 +96,21 @@ def load_benchmark(root: str | Path | None = None) -> Benchmark:
     gallery = read("train.txt", keep_background=True)
     train = gallery.subset(gallery.labels != DISTRACTOR)
     return Benchmark(images.parent, classes, train, gallery, read("test.txt", keep_background=False))
+
+
+@dataclass(frozen=True)
+class Split:
+    """Photos of the benchmark split with class labels (-1: distractor)."""
+
+    image_dir: Path
+    gallery: list[str]
+    gallery_labels: np.ndarray
+    queries: list[str]
+    query_labels: np.ndarray
+
+
+def load_split(root: str | Path | None = None) -> Split:
+    """The benchmark split (`load_benchmark`): train.txt as the gallery (background kept), test.txt queries."""
+    bench = load_benchmark(root)
+    return Split(bench.image_dir, list(bench.gallery.paths), bench.gallery.labels, list(bench.queries.paths),
+                 bench.queries.labels)
