@@ -1,4 +1,4 @@
-"""`concord quantize | ship | encode | query | device-bench`: the device side's commands.
+"""`concord quantize | ship | encode | query | device-bench | neardup`: the device side's commands.
 
 Heavy imports (onnxruntime, onnx) happen inside the commands; nothing here imports torch.
 """
@@ -186,8 +186,8 @@ def device_bench(
     out_dir: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/edge"),
 ) -> None:
     """Time batch-1 encoding of edge fp32, edge int8 and the cloud encoder; optionally their accuracy."""
-    from edge.accuracy import run_accuracy
-    from edge.bench import BenchConfig, print_table, run_bench
+    from edge.bench.accuracy import run_accuracy
+    from edge.bench.device import BenchConfig, print_table, run_bench
     from models.benchmark.caltech import load_split
     from models.benchmark.report import fmt
     from models.release import resolve_release
@@ -212,3 +212,24 @@ def device_bench(
             print("wrote " + ", ".join(found["written"]))
     except _user_errors() as err:
         _explain(err)
+
+
+@app.command()
+def neardup(
+    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
+                                                 "release]")] = None,
+    data: Annotated[Path | None, typer.Option(help="Caltech-101 folder [env CONCORD_DATA; default "
+                                              "../shared/datasets/caltech101]")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder")] = Path("reports/neardup"),
+    cache: Annotated[Path, typer.Option(help="Gallery embeddings cache")] = Path("cache/neardup"),
+    queries: Annotated[int, typer.Option(help="Near-duplicate queries (a fixed-seed sample of the gallery)")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the sample and the transformations")] = 0,
+    gallery_model: Annotated[str | None, typer.Option(help="Cloud model of the gallery [default: the oldest]")]
+    = None,
+    threads: Annotated[int | None, typer.Option(help="onnxruntime threads")] = None,
+) -> None:
+    """Near-duplicate search: does each query model find the original photo in the cloud gallery, in duplicate
+    and similar match (and by the photo fingerprint alone)?"""
+    from edge.bench.neardup import main
+
+    raise typer.Exit(main(release, data, out, cache, queries, seed, gallery_model, threads))

@@ -115,7 +115,7 @@ def demo(
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads per encoder")] = None,
 ) -> None:
     """Index photos, search from the edge model, upgrade the cloud model with no re-indexing, search again."""
-    from server.demo import main
+    from server.bench.demo import main
 
     raise typer.Exit(main(release, data_dir, photos, threads))
 
@@ -135,30 +135,9 @@ def verify_release(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars")] = True,
 ) -> None:
     """Check through a real server that the release's models reproduce the Recall@1 in their manifest."""
-    from server.verify_release import main
+    from server.bench.verify_release import main
 
     raise typer.Exit(main(release, data, work, out, tolerance, batch, threads, progress))
-
-
-@app.command()
-def neardup(
-    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
-                                                 "release]")] = None,
-    data: Annotated[Path | None, typer.Option(help="Caltech-101 folder [env CONCORD_DATA; default "
-                                              "../shared/datasets/caltech101]")] = None,
-    out: Annotated[Path, typer.Option(help="Report folder")] = Path("reports/neardup"),
-    cache: Annotated[Path, typer.Option(help="Gallery embeddings cache")] = Path("cache/neardup"),
-    queries: Annotated[int, typer.Option(help="Near-duplicate queries (a fixed-seed sample of the gallery)")] = 500,
-    seed: Annotated[int, typer.Option(help="Seed of the sample and the transformations")] = 0,
-    gallery_model: Annotated[str | None, typer.Option(help="Cloud model of the gallery [default: the oldest]")]
-    = None,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads")] = None,
-) -> None:
-    """Near-duplicate search: does each query model find the original photo in the cloud gallery, in duplicate
-    and similar match (and by the photo fingerprint alone)?"""
-    from server.neardup import main
-
-    raise typer.Exit(main(release, data, out, cache, queries, seed, gallery_model, threads))
 
 
 @app.command()
@@ -182,7 +161,7 @@ def bench(
     keep_work: Annotated[bool, typer.Option(help="Keep the scratch stores and server logs.")] = False,
 ) -> None:
     """Benchmark search, encoding and upgrade cost; write reports/bench (JSON, summary.md, PNG plots)."""
-    from server.bench import main
+    from server.bench.suite import main
 
     try:
         main(part, quick, sizes, api, keep_work, release=release, photos=photos, embeddings=embeddings,

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from models.benchmark.report import interleave, latency_ms
-from server.bench_data import EmbeddingSourceError, fitted_mixture, load_embeddings, mixture_for
-from server.bench_search import recall_at_k
+from server.bench.data import EmbeddingSourceError, fitted_mixture, load_embeddings, mixture_for
+from server.bench.search import recall_at_k
 from tests.edge_helpers import run_cli
 
 
@@ -185,7 +185,7 @@ def test_edge_latency_is_skipped_with_a_reason_when_the_release_has_no_device_fi
         tiny_release: Path, sample_photos: dict[str, bytes], tmp_path: Path) -> None:
     from models.manifest import Manifest
     from models.release import Release
-    from server.bench_encode import EncodeConfig, edge_latency
+    from server.bench.encode import EncodeConfig, edge_latency
 
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(sample_photos["chelsea"])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from server.bench.demo import DemoConfig, DemoError, folder_photos, run_demo
 from server.cli import app
-from server.demo import DemoConfig, DemoError, folder_photos, run_demo
 from tests.server_helpers import make_photo
 
 

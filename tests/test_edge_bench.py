@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.accuracy import run_accuracy
-from edge.bench import BenchConfig, run_bench
+from edge.bench.accuracy import run_accuracy
+from edge.bench.device import BenchConfig, run_bench
 from edge.photos import list_photos
 from edge.quantize import quantize_model
 from models.benchmark.caltech import load_split

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edge.bench.neardup import NeardupConfig, run_neardup, scores
 from models.benchmark.transforms import Transform, near_duplicate
 from models.preprocess import load_image
-from server.neardup import NeardupConfig, run_neardup, scores
 from tests.caltech_helpers import make_caltech
 from tests.conftest import TINY_FINGERPRINT
 

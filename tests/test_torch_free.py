@@ -1,4 +1,5 @@
-"""`models`, `edge` and `server` never load torch, not even transitively: checked in a fresh interpreter."""
+"""`models`, `edge` and `server` never load torch, not even transitively, and the service stays in its room:
+checked in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -48,3 +49,23 @@ def test_no_module_of_models_edge_or_server_loads_torch() -> None:
 
 def test_the_check_itself_sees_torch_when_it_is_loaded() -> None:
     assert imported_in_fresh_interpreter(["training.export"], walk=False)["torch"] is True
+
+
+SERVICE_CHECK = """
+import importlib, json, pathlib, sys
+import server
+root = pathlib.Path(server.__file__).parent
+for path in sorted(root.rglob("*.py")):
+    name = ".".join(("server", *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+    if name != "server.cli" and not name.startswith("server.bench"):
+        importlib.import_module(name)
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "edge" or m.startswith("server.bench")
+                        or m == "server.cli")))
+"""
+
+
+def test_the_service_imports_neither_edge_nor_the_benchmark_wing() -> None:
+    done = subprocess.run([sys.executable, "-c", SERVICE_CHECK], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -13,7 +13,7 @@ from models.benchmark.caltech import load_split
 from models.manifest import Manifest
 from models.preprocess import load_image
 from models.release import Release
-from server.verify_release import VerifyConfig, run_verify
+from server.bench.verify_release import VerifyConfig, run_verify
 from tests.caltech_helpers import make_caltech
 
 

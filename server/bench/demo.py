@@ -193,7 +193,7 @@ class Demo:
 
 def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> int:
     """Run the demo; 0 when every search found the original first, 1 otherwise."""
-    from server.bench_api import Server
+    from server.bench.driver import Server
 
     first, later = folder_photos(config.photos) if config.photos else bundled_photos()
     query_of = QUERY_PHOTO if config.photos is None else first[0][0]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from models.benchmark.report import interleave, latency_ms
-from server.bench_api import Server
+from server.bench.driver import Server
 
 BATCH = 20_000
 

@@ -3,7 +3,7 @@
 The cloud figure is the ingest bound: a server can index no faster than its encoder turns photo bytes into
 vectors. Each batch of real photos runs through every cloud model in turn (rotating order), once from the
 bytes (decode + resize + crop + encode) and once from ready tensors (the encoder alone). Edge batch-1
-latency comes from the device benchmark (`edge.bench`) on the same release.
+latency comes from the device benchmark (`edge.bench.device`) on the same release.
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def cloud_throughput(release: Any, photos: list[bytes], config: EncodeConfig) ->
 def edge_latency(release_folder: Path, photo: Path, config: EncodeConfig) -> dict[str, Any]:
     """Batch-1, one-thread latency of the newest edge model (device fp32 and int8 files) and its cloud model.
 
-    The device benchmark (`edge.bench`) measures it when the release has the edge model's fp32 device file;
+    The device benchmark (`edge.bench.device`) measures it when the release has the edge model's fp32 device file;
     a release without it (the shipped one keeps only int8) gets `device_files_latency` on the files present.
     """
-    from edge.bench import BenchConfig, run_bench
+    from edge.bench.device import BenchConfig, run_bench
 
     head = {"photo": str(photo), "rounds": config.edge_rounds, "threads": 1}
     try:
@@ -95,7 +95,7 @@ def edge_latency(release_folder: Path, photo: Path, config: EncodeConfig) -> dic
                           out_dir=None)
     except KeyError as err:
         rows = device_files_latency(release_folder, photo, config)
-        note = f"edge.bench needs a device fp32 file ({str(err).strip(chr(39))}); timed the files present"
+        note = f"edge.bench.device needs a device fp32 file ({str(err).strip(chr(39))}); timed the files present"
         if not any(r["variant"].startswith("device") for r in rows):
             return {**head, "models": [], "ratios": {}, "skipped": f"no device file to time: {note}"}
         return {**head, "models": rows, "ratios": {}, "note": note}
@@ -168,7 +168,7 @@ def api_ingest(release_folder: Path, photos: list[tuple[str, bytes]], config: En
     import shutil
 
     from models.release import Release
-    from server.bench_api import Server
+    from server.bench.driver import Server
 
     if data_dir.exists():
         shutil.rmtree(data_dir)

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from models.benchmark.report import header, shown_path, write_json
-from server import bench_summary
-from server.bench_data import DEFAULT_EMBEDDINGS, Mixture, mixture_for, seeded_mixture
-from server.bench_encode import EncodeConfig, default_photos
-from server.bench_search import IndexConfig, usable_cores
+from server.bench import summary as bench_summary
+from server.bench.data import DEFAULT_EMBEDDINGS, Mixture, mixture_for, seeded_mixture
+from server.bench.encode import EncodeConfig, default_photos
+from server.bench.search import IndexConfig, usable_cores
 
 DEFAULT_OUT = Path("reports/bench")
 PARTS = ("search", "encode", "upgrade")
@@ -115,7 +115,7 @@ def report_head(plan: Plan, sources: Sources) -> dict[str, Any]:
 def run_search(plan: Plan, sources: Sources, upgrade_to: str | None = None) -> dict[str, Any]:
     """Index figures at every size, and API-vs-bare flat search where the API is measured (then, with
     `upgrade_to`, one HTTP upgrade on each of those servers)."""
-    from server.bench_search import bench_size, best_approximate
+    from server.bench.search import bench_size, best_approximate
 
     threads = usable_cores()
     mixture = mixture_for(search_dim(plan, sources), plan.components, sources.seed, sources.embeddings)
@@ -151,9 +151,9 @@ def _api_search(plan: Plan, sources: Sources, size: int, gallery: np.ndarray, qu
                 threads: int, upgrade_to: str | None) -> dict[str, Any]:
     """Fill (or reuse) the store of this size, start a server on it, time API vs bare flat search; then, with
     `upgrade_to`, upgrade that server's active model once (for the upgrade part)."""
-    from server.bench_api import Server
-    from server.bench_gallery import api_vs_bare
-    from server.bench_upgrade import upgrade_on
+    from server.bench.driver import Server
+    from server.bench.gallery import api_vs_bare
+    from server.bench.upgrade import upgrade_on
     from server.settings import Settings
 
     old, _ = _cloud_models(sources.release)
@@ -198,7 +198,7 @@ def _search_line(figures: dict[str, Any], k: int) -> str:
 
 def _cloud_models(release: Path) -> tuple[str, str]:
     from models.release import Release
-    from server.bench_upgrade import cloud_pair
+    from server.bench.upgrade import cloud_pair
 
     return cloud_pair(Release.load(release, verify=False))
 
@@ -229,7 +229,7 @@ def _ensure_store(plan: Plan, sources: Sources, size: int,
     """The benchmark store of `size` (built from `make()` = vectors and their description, once per run)."""
     import json
 
-    from server.bench_gallery import build_store
+    from server.bench.gallery import build_store
 
     old, _ = _cloud_models(sources.release)
     folder = _store_dir(sources, size)
@@ -255,8 +255,8 @@ def _upgrade_vectors(plan: Plan, sources: Sources, size: int) -> tuple[np.ndarra
 
 def run_encode(plan: Plan, sources: Sources) -> dict[str, Any]:
     """Cloud photos/s, edge latency and API ingest on a sample of real photos."""
-    from server.bench_encode import api_ingest, load_photos
-    from server.bench_encode import run_encode as encode_figures
+    from server.bench.encode import api_ingest, load_photos
+    from server.bench.encode import run_encode as encode_figures
 
     photos = load_photos(sources.photos, plan.encode.photos)
     result = report_head(plan, sources)
@@ -279,7 +279,7 @@ def run_upgrade(plan: Plan, sources: Sources, encode: dict[str, Any] | None = No
 
     HTTP upgrades the search part already made on its servers (same store) are taken from `search`.
     """
-    from server.bench_upgrade import backfill_estimate, growth, mixed_curve, upgrade_over_http, upgrade_service
+    from server.bench.upgrade import backfill_estimate, growth, mixed_curve, upgrade_over_http, upgrade_service
 
     old, new = _cloud_models(sources.release)
     rate, rate_source = _backfill_rate(plan, sources, new, encode)
@@ -314,7 +314,7 @@ def _backfill_rate(plan: Plan, sources: Sources, new: str, encode: dict[str, Any
     rows = [r for r in (encode or {}).get("cloud", []) if r["model_id"] == new]
     if not rows:
         from models.release import Release
-        from server.bench_encode import cloud_throughput, load_photos
+        from server.bench.encode import cloud_throughput, load_photos
 
         photos = [b for _, b in load_photos(sources.photos, plan.encode.photos)]
         rows = [r for r in cloud_throughput(Release.load(sources.release), photos, plan.encode)

@@ -64,7 +64,7 @@ class VerifyConfig:
 def default_pairs(manifest: Manifest) -> list[Pair]:
     """newest edge (device file) -> oldest cloud, and newest cloud -> newest cloud (required); the newest edge's
     fp32 server file (when the release ships one) -> oldest cloud for diagnosis (what quantisation moves)."""
-    from server.neardup import query_variant
+    from edge.bench.neardup import query_variant
 
     edge, old_cloud, new_cloud = manifest.newest("edge"), manifest.oldest("cloud").id, manifest.newest("cloud").id
     device = query_variant(edge)
@@ -168,7 +168,7 @@ def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[st
     from models.benchmark import report
     from models.benchmark.caltech import NUM_OLD_CLASSES, load_split
     from models.release import Release
-    from server.bench_api import Server
+    from server.bench.driver import Server
 
     release = Release.load(config.release)
     manifest = release.manifest

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from models.benchmark.report import latency_ms
-from server.bench_api import Server
+from server.bench.driver import Server
 
 
 def cloud_pair(release: Any) -> tuple[str, str]:
