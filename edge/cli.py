@@ -21,14 +21,14 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Edge model id (de
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from edge.client import SearchError
+    from edge.client import ApiError
     from edge.photos import PhotoSourceError
     from edge.quantize import QuantizeError
     from models.manifest import ManifestError
     from models.preprocess import ImageError
     from models.release import ReleaseError
 
-    return (SearchError, PhotoSourceError, QuantizeError, ManifestError, ImageError, ReleaseError,
+    return (ApiError, PhotoSourceError, QuantizeError, ManifestError, ImageError, ReleaseError,
             KeyError, FileNotFoundError, ValueError)
 
 
@@ -149,12 +149,12 @@ def query(
                                        "fingerprint).")] = "similar",
 ) -> None:
     """Encode a photo on this device, send only its embedding to the server, print the hits."""
-    from edge.client import SearchClient, encode_photos, format_hits
+    from edge.client import ConcordClient, encode_photos, format_hits
     from models.release import resolve_release
 
     try:
         encoded = encode_photos(resolve_release(release), [photo], model)
-        with SearchClient(server, api_key, timeout) as client:
+        with ConcordClient(server, api_key, timeout) as client:
             found = client.search_embedding(encoded.vectors[0], encoded.model_id, k, match)
     except _user_errors() as err:
         _explain(err)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.client import SearchClient, SearchError, encode_photos
+from edge.client import ApiError, ConcordClient, encode_photos
 from models.manifest import Manifest
 from tests.edge_helpers import run_cli, write_photos
 
@@ -34,9 +34,13 @@ def fake_server() -> Iterator[FakeServer]:
     state = FakeServer()
 
     class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.do_POST()
+
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            state.requests.append({"path": self.path, "headers": dict(self.headers), "raw": raw})
+            state.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                   "raw": raw})
             body = json.dumps(state.answer).encode()
             self.send_response(state.status)
             self.send_header("Content-Type", "application/json")
@@ -96,7 +100,7 @@ def test_query_sends_only_a_unit_embedding_made_on_the_device(
 
 def test_search_client_returns_hits(fake_server: FakeServer) -> None:
     fake_server.answer = HITS
-    with SearchClient(fake_server.url + "/") as client:
+    with ConcordClient(fake_server.url + "/") as client:
         found = client.search_embedding(np.full(4, 0.5, dtype=np.float32), "edge-v1", k=2)
     assert [(h.id, h.model_id) for h in found.hits] == [(7, "cloud-v1"), (3, "cloud-v2")]
     assert found.hits[0].metadata == {"caption": "a cat"} and found.searched_models == ["cloud-v1", "cloud-v2"]
@@ -117,8 +121,32 @@ def test_query_passes_the_match_through(tiny_release: Path, photos: list[Path], 
     assert len(fake_server.requests) == 1  # the unknown match never reached the server
 
 
+def test_the_client_speaks_the_whole_api(fake_server: FakeServer) -> None:
+    fake_server.answer = {"found": {"ab" * 32: 4}, "photos": []}
+    with ConcordClient(fake_server.url, api_key="k") as client:
+        assert client.lookup(["ab" * 32, "cd" * 32]) == {"ab" * 32: 4}
+        client.add_photos([("trip/a.jpg", b"JPEG-bytes")], [{"path": "trip/a.jpg"}])
+        client.upgrade("cloud-v2")
+        client.stats()
+    lookup, upload, upgrade, stats = fake_server.requests
+    assert json.loads(lookup["raw"]) == {"hashes": ["ab" * 32, "cd" * 32]}
+    assert upload["path"] == "/v1/photos" and b'filename="a.jpg"' in upload["raw"] and b"JPEG-bytes" in upload["raw"]
+    assert b'[{"path": "trip/a.jpg"}]' in upload["raw"]
+    assert json.loads(upgrade["raw"]) == {"model_id": "cloud-v2"} and upgrade["path"] == "/v1/models/upgrade"
+    assert (stats["method"], stats["path"]) == ("GET", "/v1/stats")
+    assert all(r["headers"]["X-API-Key"] == "k" for r in fake_server.requests)
+
+
+def test_a_refusal_carries_the_status_and_the_servers_detail(fake_server: FakeServer) -> None:
+    fake_server.status, fake_server.answer = 422, {"detail": "broken.jpg: not a photo"}
+    with ConcordClient(fake_server.url) as client, pytest.raises(ApiError) as refused:
+        client.add_photos([("broken.jpg", b"x")])
+    assert refused.value.status == 422 and refused.value.detail == "broken.jpg: not a photo"
+    assert str(refused.value) == f"POST {fake_server.url}/v1/photos: the server answered 422: broken.jpg: not a photo"
+
+
 def test_search_client_refuses_a_non_finite_vector(fake_server: FakeServer) -> None:
-    with SearchClient(fake_server.url) as client, pytest.raises(SearchError, match="finite"):
+    with ConcordClient(fake_server.url) as client, pytest.raises(ApiError, match="finite"):
         client.search_embedding(np.array([0.5, np.nan], dtype=np.float32), "edge-v1")
     assert fake_server.requests == []
 

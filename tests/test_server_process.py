@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from edge.client import SearchClient
+from edge.client import ConcordClient
 from models.release import Release
 from tests.server_helpers import API_KEY, WRITE, Launcher, ServerProcess, concord_command, make_photo, server_env
 
@@ -46,7 +46,7 @@ def test_concurrent_clients_add_search_and_upgrade_without_error(tiny_release: P
                 added.extend(p["id"] for p in post_photos(http, photos))
 
     def searcher(worker: int) -> None:
-        with SearchClient(server.url, api_key=API_KEY, timeout=60) as client, \
+        with ConcordClient(server.url, api_key=API_KEY, timeout=60) as client, \
                 httpx.Client(base_url=server.url, timeout=60) as http:
             for i in range(8):
                 client.search_embedding(query, "edge-v2", k=5)
@@ -70,7 +70,7 @@ def test_concurrent_clients_add_search_and_upgrade_without_error(tiny_release: P
         stats = httpx.get(f"{server.url}/v1/stats").json()
         assert len(set(added)) == len(added) == 30
         assert stats["photos"] == stats["vectors_total"] == 30 and stats["active_model"] == "cloud-v2"
-        with SearchClient(server.url) as client:
+        with ConcordClient(server.url) as client:
             result = client.search_embedding(query, "edge-v2", k=100)
         assert sorted(h.id for h in result.hits) == sorted(added)
         assert result.searched_models == ["cloud-v1", "cloud-v2"]

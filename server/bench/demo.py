@@ -118,9 +118,7 @@ class Demo:
 
     def index(self, photos: list[tuple[str, bytes]]) -> list[list[str]]:
         """POST the photos with metadata {"name"}; rows of (id, photo, model that encoded it)."""
-        files = [("files", (Path(name).name, data, "application/octet-stream")) for name, data in photos]
-        metadata = json.dumps([{"name": name} for name, _ in photos])
-        answer = self.server.post("/v1/photos", files=files, data={"metadata": metadata})
+        answer = self.server.client.add_photos(photos, [{"name": name} for name, _ in photos])
         rows = []
         for (name, _), photo in zip(photos, answer["photos"], strict=True):
             note = " (already stored)" if photo["duplicate"] else ""
@@ -129,13 +127,12 @@ class Demo:
 
     def search(self, query: Path, edge_id: str) -> tuple[list[list[str]], str, str]:
         """Encode the query photo on the device with `edge_id` and search with its embedding only."""
-        from edge.client import SearchClient, encode_photos
+        from edge.client import encode_photos
 
         start = time.perf_counter()
         encoded = encode_photos(self.release.folder, [query], model_id=edge_id, threads=self.config.threads)
         took = (time.perf_counter() - start) * 1000
-        with SearchClient(self.server.url) as client:
-            result = client.search_embedding(encoded.vectors[0], edge_id, k=self.config.k, match=self.match)
+        result = self.server.client.search_embedding(encoded.vectors[0], edge_id, k=self.config.k, match=self.match)
         rows = [[str(rank), str(hit.metadata.get("name", hit.id)), f"{hit.score:.3f}", hit.model_id]
                 for rank, hit in enumerate(result.hits, 1)]
         top = str(result.hits[0].metadata.get("name")) if result.hits else ""
@@ -161,11 +158,11 @@ class Demo:
         say(f"   {note}")
         say(table(["rank", "photo", "score", "gallery model"], rows))
         say(f"\n3. Upgrade the server: {old_cloud} -> {new_cloud} (POST /v1/models/upgrade)")
-        before = self.server.get("/v1/stats")
+        before = self.server.client.stats()
         start = time.perf_counter()
-        answer = self.server.post("/v1/models/upgrade", json={"model_id": new_cloud})
+        answer = self.server.client.upgrade(new_cloud)
         took = time.perf_counter() - start
-        after = self.server.get("/v1/stats")
+        after = self.server.client.stats()
         gate = answer.get("gate") or {}
         say(f"   gate: {'PASSED' if gate.get('passed') else 'not run'}: {gate.get('reason', answer.get('message'))}")
         for check in gate.get("checks", []):
@@ -182,7 +179,7 @@ class Demo:
             rows, tops[f"{edge_id} after"], note = self.search(query, edge_id)
             say(f"   {note}")
             say(table(["rank", "photo", "score", "gallery model"], rows))
-        stats = self.server.get("/v1/stats")
+        stats = self.server.client.stats()
         found = all(top == query_of for top in tops.values())
         say("\n" + table(["search", "top hit", "original found"],
                          [[name, top, "yes" if top == query_of else "NO"] for name, top in tops.items()], indent=""))

@@ -1,7 +1,8 @@
-"""A real Concord server for the benchmarks: `concord serve` in a child process on loopback, and the HTTP calls.
+"""A real Concord server for the benchmarks: `concord serve` in a child process on loopback, and its client.
 
 The server runs exactly as users run it (uvicorn, the FastAPI app, the embedded store); the benchmark
-talks to it over one keep-alive HTTP connection, so what a client sees is what is timed.
+talks to it through the edge's API client (`Server.client`, one keep-alive HTTP connection), so what a
+client sees is what is timed.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
-import httpx
-import numpy as np
+from edge.client import ApiError, ConcordClient
 
 SERVE = "from models.cli import main; main()"
 
 
 class ServerError(RuntimeError):
-    """The benchmark's server did not start, or answered a request with an error."""
+    """The benchmark's server did not start (a refused request raises the client's `ApiError`)."""
 
 
 def free_port() -> int:
@@ -43,7 +42,8 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
-        self.http: httpx.Client | None = None
+        self.client = ConcordClient(self.url, timeout=600.0)
+        """The API client the benchmark talks through (it connects on its first request)."""
         self.start_s = 0.0
 
     def __enter__(self) -> Server:
@@ -58,22 +58,21 @@ class Server:
         start = time.perf_counter()
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.http = httpx.Client(base_url=self.url, timeout=600.0)
         self._wait_ready()
         self.start_s = time.perf_counter() - start
         return self
 
     def _wait_ready(self) -> None:
-        assert self.process is not None and self.http is not None
+        assert self.process is not None
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"the server exited with code {self.process.returncode} while starting; "
                                   f"see {self.log}: {self._tail()}")
             try:
-                if self.http.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
+                self.client.ready()
+                return
+            except ApiError:
                 pass
             time.sleep(0.1)
         self.__exit__(None, None, None)
@@ -86,8 +85,7 @@ class Server:
             return ""
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
-        if self.http is not None:
-            self.http.close()
+        self.client.close()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
@@ -95,32 +93,3 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-    def post(self, path: str, **kwargs: Any) -> Any:
-        """POST and return the JSON answer; an error status raises ServerError with the server's detail."""
-        assert self.http is not None
-        answer = self.http.post(path, **kwargs)
-        if answer.status_code >= 400:
-            raise ServerError(f"POST {path}: {answer.status_code} {answer.text[:500]}")
-        return answer.json()
-
-    def get(self, path: str) -> Any:
-        assert self.http is not None
-        answer = self.http.get(path)
-        if answer.status_code >= 400:
-            raise ServerError(f"GET {path}: {answer.status_code} {answer.text[:500]}")
-        return answer.json()
-
-    def search(self, vector: np.ndarray, model_id: str, k: int) -> list[int]:
-        """`POST /v1/search/embedding`; the hit ids, best first."""
-        body = {"vector": [float(x) for x in vector], "model_id": model_id, "k": k}
-        return [hit["id"] for hit in self.post("/v1/search/embedding", json=body)["hits"]]
-
-    def add_photos(self, photos: list[tuple[str, bytes]]) -> dict[str, Any]:
-        """`POST /v1/photos` with one multipart request of photos."""
-        files = [("files", (Path(name).name, data, "application/octet-stream")) for name, data in photos]
-        return dict(self.post("/v1/photos", files=files))
-
-    def upgrade(self, model_id: str) -> dict[str, Any]:
-        """`POST /v1/models/upgrade`."""
-        return dict(self.post("/v1/models/upgrade", json={"model_id": model_id}))

@@ -176,19 +176,19 @@ def api_ingest(release_folder: Path, photos: list[tuple[str, bytes]], config: En
     if not groups:
         raise ValueError(f"need at least {2 * config.batch} photos: one batch warms up, the others are timed")
     with Server(release_folder, data_dir, log, threads=config.threads) as server:
-        model_id = server.get("/v1/models")["active_model"]
+        model_id = server.client.models()["active_model"]
         encoder = Release.load(release_folder).encoder(model_id, "server", threads=config.threads)
         encoder.encode_bytes([b for _, b in warm])  # warm-up batch, both sides, not timed
-        server.add_photos(warm)
+        server.client.add_photos(warm)
         added = 0
 
         def api(i: int) -> None:
             nonlocal added
-            added += int(server.add_photos(groups[i])["added"])
+            added += int(server.client.add_photos(groups[i])["added"])
 
         datas = [[b for _, b in group] for group in groups]
         times = interleave({"api": api, "bare": partial(_by_index, encoder.encode_bytes, datas)}, len(groups))
-        stats = server.get("/v1/stats")
+        stats = server.client.stats()
     rates = {name: config.batch * len(values) * 1e9 / sum(values) for name, values in times.items()}
     return {"model_id": model_id, "batch": config.batch, "batches": len(groups), "photos_added": added,
             "photos_in_store": stats.get("vectors_total"), "photos_per_s_api": rates["api"],

@@ -71,7 +71,7 @@ def api_vs_bare(server: Server, vectors: np.ndarray, queries: np.ndarray, model_
     got: dict[str, list[list[int]]] = {"api": [], "bare": []}
 
     def api(i: int) -> None:
-        got["api"].append(server.search(queries[i], model_id, k))
+        got["api"].append([hit.id for hit in server.client.search_embedding(queries[i], model_id, k).hits])
 
     def bare_on(count: int) -> Any:
         def run(i: int) -> None:

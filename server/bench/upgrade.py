@@ -30,11 +30,11 @@ def cloud_pair(release: Any) -> tuple[str, str]:
 
 def upgrade_on(server: Server, new: str) -> dict[str, Any]:
     """One `POST /v1/models/upgrade` on a running server: its answer, the client's wall time, vectors before/after."""
-    before = server.get("/v1/stats")
+    before = server.client.stats()
     start = time.perf_counter()
-    answer = server.upgrade(new)
+    answer = server.client.upgrade(new)
     wall = time.perf_counter() - start
-    after = server.get("/v1/stats")
+    after = server.client.stats()
     return {"http_wall_s": wall, "server_seconds": answer.get("seconds"), "reencoded": answer.get("reencoded"),
             "changed": answer.get("changed"), "previous": answer.get("previous"),
             "active_model": answer.get("active_model"), "vectors_before": before.get("vectors"),

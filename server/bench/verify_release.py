@@ -13,17 +13,19 @@ resumes: photos the store holds already (by sha256) are not sent again.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.benchmark.embeddings import cached, encode_paths, names_digest
 from models.benchmark.report import fmt
 from models.manifest import Manifest
+
+if TYPE_CHECKING:
+    from edge.client import SearchResult
 
 STEM = "verify"
 DEFAULT_OUT = Path("reports/release")
@@ -97,17 +99,15 @@ def index_gallery(server: Any, folder: Path, names: list[str], labels: np.ndarra
     stored: set[str] = set()
     unique = list(first)
     for start in range(0, len(unique), LOOKUP_CHUNK):
-        stored |= set(server.post("/v1/photos/lookup", json={"hashes": unique[start:start + LOOKUP_CHUNK]})["found"])
+        stored |= set(server.client.lookup(unique[start:start + LOOKUP_CHUNK]))
     todo = [i for h, i in first.items() if h not in stored]
     twins = [i for i, h in enumerate(hashes) if first[h] != i]
     begin = time.perf_counter()
     with _bar(len(todo), "indexing gallery", progress) as bar:
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
-            files = [("files", (Path(names[i]).name, (folder / names[i]).read_bytes(), "application/octet-stream"))
-                     for i in chunk]
-            metadata = [{"path": names[i], "label": int(labels[i])} for i in chunk]
-            server.post("/v1/photos", files=files, data={"metadata": json.dumps(metadata)})
+            server.client.add_photos([(names[i], (folder / names[i]).read_bytes()) for i in chunk],
+                                     [{"path": names[i], "label": int(labels[i])} for i in chunk])
             bar.update(len(chunk))
     seconds = time.perf_counter() - begin
     return {"photos": len(names), "sent": len(todo), "already_stored": len(stored), "byte_identical_copies": len(twins),
@@ -115,21 +115,17 @@ def index_gallery(server: Any, folder: Path, names: list[str], labels: np.ndarra
             "seconds": round(seconds, 1), "photos_per_s": round(len(todo) / seconds, 2) if todo and seconds else None}
 
 
-def hit_labels(answer: dict[str, Any]) -> list[int]:
-    """The `label` metadata of a search answer's hits, best first (-2 for a hit without one)."""
-    return [int(h.get("metadata", {}).get("label", -2)) for h in answer["hits"]]
+def hit_labels(result: SearchResult) -> list[int]:
+    """The `label` metadata of a search's hits, best first (-2 for a hit without one)."""
+    return [int(h.metadata.get("label", -2)) for h in result.hits]
 
 
 def search_embeddings(server: Any, vectors: np.ndarray, model_id: str, k: int, progress: bool) -> list[list[int]]:
     """Search with client-made embeddings through the edge client (`POST /v1/search/embedding`)."""
-    from edge.client import SearchClient
-
     found = []
-    with SearchClient(server.url, timeout=120.0) as client, _bar(len(vectors), f"searching ({model_id})",
-                                                                 progress) as bar:
+    with _bar(len(vectors), f"searching ({model_id})", progress) as bar:
         for vector in vectors:
-            result = client.search_embedding(vector, model_id, k)
-            found.append([int(h.metadata.get("label", -2)) for h in result.hits])
+            found.append(hit_labels(server.client.search_embedding(vector, model_id, k)))
             bar.update(1)
     return found
 
@@ -139,9 +135,7 @@ def search_photos(server: Any, paths: list[Path], k: int, progress: bool) -> lis
     found = []
     with _bar(len(paths), "searching (photos sent to the server)", progress) as bar:
         for path in paths:
-            answer = server.post("/v1/search/photo", files={"file": (path.name, path.read_bytes(), "image/jpeg")},
-                                 data={"k": str(k)})
-            found.append(hit_labels(answer))
+            found.append(hit_labels(server.client.search_photo(path.name, path.read_bytes(), k)))
             bar.update(1)
     return found
 
@@ -183,12 +177,12 @@ def run_verify(config: VerifyConfig, pairs: list[Pair] | None = None) -> dict[st
         log = config.work / f"server-{gallery}.log"
         print(f"server with {gallery} active, store {store}", flush=True)
         with Server(release.folder, store, log, model=gallery, threads=config.threads) as server:
-            active = server.get("/readyz")["active_model"]
+            active = server.client.ready()["active_model"]
             if active != gallery:
                 raise RuntimeError(f"the store {store} indexes with {active!r}, not {gallery!r}; delete it to restart")
             indexing = index_gallery(server, split.image_dir, split.gallery, split.gallery_labels, config.batch,
                                      config.progress)
-            stats = server.get("/v1/stats")
+            stats = server.client.stats()
             if set(stats["vectors"]) - {gallery}:
                 raise RuntimeError(f"the store {store} holds vectors of {sorted(stats['vectors'])}, not only {gallery}")
             stores[gallery] = {"store": str(store), "server_start_s": round(server.start_s, 2), **indexing,
