@@ -1,4 +1,4 @@
-"""`concord quantize | ship | encode | query | device-bench | neardup`: the device side's commands.
+"""`concord quantize | ship | encode | query | index | device-bench | neardup`: the device side's commands.
 
 Heavy imports (onnxruntime, onnx) happen inside the commands; nothing here imports torch.
 """
@@ -6,6 +6,7 @@ Heavy imports (onnxruntime, onnx) happen inside the commands; nothing here impor
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -165,6 +166,36 @@ def query(
     else:
         print(f"encoded {photo} on this device with {encoded.model_id} ({encoded.variant}); match: {match}")
         print(format_hits(found))
+
+
+@app.command()
+def index(
+    folder: Annotated[Path, typer.Argument(help="Folder of photos (jpg, jpeg, png, webp, bmp, gif, tif), walked "
+                                           "recursively.")],
+    server: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(help="API key [env CONCORD_API_KEY]", envvar="CONCORD_API_KEY")]
+    = None,
+    batch: Annotated[int, typer.Option(help="Photos per upload request.")] = 16,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+) -> None:
+    """Send a folder of photos to a server in batches; what the server has already (same sha256) is skipped, so
+    an interrupted run resumes where it stopped."""
+    from edge.client import ApiError
+    from edge.indexer import Indexer, IndexingError
+
+    try:
+        indexer = Indexer(server, api_key, batch)
+        try:
+            report = indexer.run(folder, progress=progress)
+        finally:
+            indexer.close()
+    except (IndexingError, ApiError) as err:
+        fail(str(err))
+    for path, why in report.failed:
+        print(f"concord: failed: {path}: {why}", file=sys.stderr)
+    print(report.summary())
+    if report.failed:
+        raise typer.Exit(2)
 
 
 @app.command("device-bench")

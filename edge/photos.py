@@ -21,7 +21,7 @@ def list_photos(source: str | Path, count: int | None = None, root: str | Path |
     """
     source = Path(source)
     if source.is_dir():
-        photos = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        photos = photos_in(source)
         if not photos:
             raise PhotoSourceError(f"{source}: no photos ({', '.join(PHOTO_SUFFIXES)}) in this folder")
     elif source.is_file():
@@ -29,6 +29,11 @@ def list_photos(source: str | Path, count: int | None = None, root: str | Path |
     else:
         raise PhotoSourceError(f"{source}: no such folder or list file")
     return spread(photos, count)
+
+
+def photos_in(folder: Path) -> list[Path]:
+    """Every photo file under `folder` (by suffix, any case, recursively), sorted so runs go in the same order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
 
 
 def spread(items: list[Path], count: int | None) -> list[Path]:

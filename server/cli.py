@@ -1,4 +1,4 @@
-"""`concord serve | index`: the server's commands.
+"""`concord serve | demo | verify-release | bench`: the server's commands and its benchmarks'.
 
 Heavy imports (FastAPI, onnxruntime, FAISS) happen inside the commands; nothing here imports torch.
 """
@@ -73,35 +73,6 @@ def serve(
                     timeout_graceful_shutdown=10)
     except (ManifestError, ReleaseError, ValueError) as err:
         fail(str(err))
-
-
-@app.command()
-def index(
-    folder: Annotated[Path, typer.Argument(help="Folder of photos (jpg, jpeg, png, webp, bmp, gif, tif), walked "
-                                           "recursively.")],
-    server: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000")] = "http://127.0.0.1:8000",
-    api_key: Annotated[str | None, typer.Option(help="API key [env CONCORD_API_KEY]", envvar="CONCORD_API_KEY")]
-    = None,
-    batch: Annotated[int, typer.Option(help="Photos per upload request.")] = 16,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
-) -> None:
-    """Send a folder of photos to a server in batches; what the server has already (same sha256) is skipped, so
-    an interrupted run resumes where it stopped."""
-    from server.indexer import Indexer, IndexingError
-
-    try:
-        indexer = Indexer(server, api_key, batch)
-        try:
-            report = indexer.run(folder, progress=progress)
-        finally:
-            indexer.close()
-    except IndexingError as err:
-        fail(str(err))
-    for path, why in report.failed:
-        print(f"concord: failed: {path}: {why}", file=sys.stderr)
-    print(report.summary())
-    if report.failed:
-        raise typer.Exit(2)
 
 
 @app.command()

@@ -145,6 +145,16 @@ def test_a_refusal_carries_the_status_and_the_servers_detail(fake_server: FakeSe
     assert str(refused.value) == f"POST {fake_server.url}/v1/photos: the server answered 422: broken.jpg: not a photo"
 
 
+def test_the_indexer_finds_nothing_in_an_empty_folder(tmp_path: Path, fake_server: FakeServer,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["index", str(tmp_path), "--server", fake_server.url, "--no-progress"], capsys)
+    assert code == 0, err
+    assert out.startswith("0 photos: 0 indexed, 0 already on the server, 0 duplicates, 0 failed")
+    assert fake_server.requests == []
+    code, _, err = run_cli(["index", str(tmp_path / "absent"), "--server", fake_server.url], capsys)
+    assert code == 1 and "absent: no such folder" in err
+
+
 def test_search_client_refuses_a_non_finite_vector(fake_server: FakeServer) -> None:
     with ConcordClient(fake_server.url) as client, pytest.raises(ApiError, match="finite"):
         client.search_embedding(np.array([0.5, np.nan], dtype=np.float32), "edge-v1")
