@@ -18,6 +18,7 @@ from models.release import Release
 from tests.export_helpers import DIM, report, small_encoder, train_config, write_checkpoint
 from training import export as export_module
 from training.arch import build_encoder
+from training.convert import to_onnx
 from training.export import (
     ExportError,
     export_model,
@@ -25,7 +26,6 @@ from training.export import (
     load_encoder,
     model_entry,
     report_metrics,
-    to_onnx,
     verify_export,
 )
 

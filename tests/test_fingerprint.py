@@ -13,7 +13,8 @@ from models.preprocess import Preprocess, load_image, preprocess, preprocess_bat
 from models.runtime import OnnxEncoder
 from tests.export_helpers import train_config
 from training.arch import build_encoder
-from training.export import model_entry, to_onnx
+from training.convert import to_onnx
+from training.export import model_entry
 from training.fingerprint import Fingerprint, FingerprintSpec, colour_layout, discriminant, load_fingerprint
 
 
