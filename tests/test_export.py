@@ -84,7 +84,7 @@ def test_the_runtime_reproduces_the_checkpoint_on_real_photos(exported: Path, ch
     inputs = preprocess_batch([load_image(p) for p in photos], release.manifest.model(model_id).preprocess)
     with torch.no_grad():
         want = encoder(torch.from_numpy(inputs)).numpy()
-    assert config["model_id"] == model_id
+    assert config.model_id == model_id
     assert (got * want).sum(axis=1).min() >= 0.9999
     assert (got @ got.T).min() < 0.95  # the photos embed apart: the comparison is not trivially 1
 
@@ -145,7 +145,8 @@ def test_a_release_missing_a_parent_is_refused(checkpoints: list[Path], photos: 
 
 
 def broken(folder: Path, photos: list[bytes], change: dict[str, Any], done: bool = True) -> Path:
-    config = {k: v for k, v in train_config("cloud-v1", "cloud", 1, 32, []).items() if change.get(k, 0) is not None}
+    config = {k: v for k, v in train_config("cloud-v1", "cloud", 1, 32, []).to_dict().items()
+              if change.get(k, 0) is not None}
     config.update({k: v for k, v in change.items() if v is not None})
     return write_checkpoint(folder / "broken.pt", small_encoder(32, 4, photos[:2]), config, done)
 

@@ -152,13 +152,14 @@ def test_tiny_training_run_improves_its_own_metric(tmp_path: Path) -> None:
     trained = encoder_from_checkpoint(state)
 
     def held_out_accuracy(head_embeddings: torch.Tensor) -> float:
-        classifier = torch.nn.functional.normalize(state["classifier"], dim=1)
+        assert state.classifier is not None
+        classifier = torch.nn.functional.normalize(state.classifier, dim=1)
         predicted = (head_embeddings[~train_idx] @ classifier.T).argmax(1).numpy()
         return float((predicted == labels[~train_idx]).mean())
 
     before = held_out_accuracy(embed_features(untrained, feats))
     after = held_out_accuracy(embed_features(trained, feats))
     assert after >= 0.9 and after > before
-    assert state["done"] and state["loss"]["classification"] < 1.0
+    assert state.done and state.loss["classification"] < 1.0
     resumed = train(config, data, tmp_path / "tiny.pt", progress=False)  # a finished run is not redone
-    assert resumed["epoch"] == config.epochs
+    assert resumed.epoch == config.epochs
