@@ -154,12 +154,20 @@ def broken(folder: Path, photos: list[bytes], change: dict[str, Any], done: bool
 @pytest.mark.parametrize("change, done, message", [
     ({"space": None, "parents": None}, True, r"its config lacks \['parents', 'space'\]"),
     ({}, False, r"training of 'cloud-v1' is unfinished \(epoch 1\)"),
-    ({"dim": 24}, True, r"the weights do not fit lite0 dim 24"),
+    ({"semantic_dim": 24}, True, r"the weights do not fit lite0 semantic_dim 24"),
+    ({"semantic_dim": None, "dim": 24}, True, r"the weights do not fit lite0 semantic_dim 24"),  # the old key
 ])
 def test_a_bad_checkpoint_is_named(tmp_path: Path, photos: list[bytes], change: dict[str, Any], done: bool,
                                    message: str) -> None:
     with pytest.raises(ExportError, match=message):
         load_encoder(broken(tmp_path, photos, change, done))
+
+
+def test_a_checkpoint_written_before_the_rename_still_loads(tmp_path: Path, photos: list[bytes]) -> None:
+    config = train_config("cloud-v1", "cloud", 1, 32, []).to_dict()
+    config["dim"] = config.pop("semantic_dim")  # the key's name until semantic and stored widths were told apart
+    _, loaded = load_encoder(write_checkpoint(tmp_path / "old.pt", small_encoder(32, 4, photos[:2]), config))
+    assert loaded.semantic_dim == DIM and model_entry(loaded).dim == DIM
 
 
 def test_an_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
@@ -212,7 +220,7 @@ def test_same_padding_is_folded_into_the_convolutions(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    encoder = build_encoder("lite0", 96, dim=DIM, hidden=0, pretrained=False).eval()
+    encoder = build_encoder("lite0", 96, semantic_dim=DIM, hidden=0, pretrained=False).eval()
     path = to_onnx(encoder, tmp_path / "folded.onnx", 96)
     graph = onnx.load(str(path)).graph
     assert not [node.name for node in graph.node if node.op_type == "Pad"]  # every SAME pad now lives in its Conv

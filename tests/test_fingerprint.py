@@ -73,7 +73,7 @@ def test_the_encoder_appends_the_fingerprint_and_onnx_reproduces_it(fingerprint:
                                                                     sample_photos: dict[str, bytes],
                                                                     tmp_path: Path) -> None:
     torch.manual_seed(0)
-    encoder = build_encoder("lite0", 160, dim=16, hidden=0, pretrained=False).eval()
+    encoder = build_encoder("lite0", 160, semantic_dim=16, hidden=0, pretrained=False).eval()
     encoder.fingerprint = fingerprint
     images = preprocess_batch([load_image(d) for d in sample_photos.values()], Preprocess(resize=160, crop=160))
     with torch.no_grad():

@@ -35,7 +35,7 @@ from training.fingerprint import Fingerprint, FingerprintSpec
 from training.trainer import CheckpointError, TrainConfig, encoder_from_checkpoint, load_checkpoint
 
 MIN_COSINE = 0.9999
-CONFIG_KEYS = ("arch", "resolution", "dim", "hidden", "model_id", "role", "version", "parents", "space")
+CONFIG_KEYS = ("arch", "resolution", "semantic_dim", "hidden", "model_id", "role", "version", "parents", "space")
 DEVICE_VARIANT = "device-fp32"
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -62,7 +62,8 @@ def load_encoder(checkpoint_path: str | Path) -> tuple[Encoder, TrainConfig]:
     try:
         encoder = encoder_from_checkpoint(checkpoint)
     except (KeyError, RuntimeError) as err:
-        raise ExportError(f"{name}: the weights do not fit {config.arch} dim {config.dim} ({err})") from None
+        raise ExportError(f"{name}: the weights do not fit {config.arch} semantic_dim {config.semantic_dim} "
+                          f"({err})") from None
     return encoder, config
 
 
@@ -104,12 +105,13 @@ UNSIGNED = "0" * 64
 
 def model_entry(config: TrainConfig, fingerprint: FingerprintSpec | None = None) -> ModelEntry:
     """The manifest entry a checkpoint's config describes; file hashes are filled in once the files exist.
-    With the space's fingerprint the model's vectors are `dim` semantic + `fingerprint.dims` components."""
+    The entry's `dim` is the stored width: `semantic_dim`, plus `fingerprint.dims` with the space's fingerprint."""
     model_id = config.model_id
     if not MODEL_ID.fullmatch(model_id):
         raise ExportError(f"model id {model_id!r}: use letters, digits, '.', '_' and '-' only (it names files)")
     return ModelEntry(
-        id=model_id, role=config.role, space=config.space, dim=config.dim + (fingerprint.dims if fingerprint else 0),
+        id=model_id, role=config.role, space=config.space,
+        dim=config.semantic_dim + (fingerprint.dims if fingerprint else 0),
         version=config.version, parents=tuple(config.parents), file=f"{model_id}.onnx", sha256=UNSIGNED,
         preprocess=preprocess_spec(config), opset=OPSET, arch=config.arch,
         variants={DEVICE_VARIANT: ModelFile(f"{model_id}.device.onnx", UNSIGNED, batch=1)},
@@ -174,7 +176,7 @@ def card(config: TrainConfig, encoder: nn.Module, checkpoint: Path) -> dict[str,
         "recipe": f"concord train {model_id}  (config training/configs/{model_id}.toml; all models: "
                   "concord benchmark), then concord export",
         "photos": config.photos,
-        "arch": config.arch, "resolution": config.resolution, "dim": config.dim,
+        "arch": config.arch, "resolution": config.resolution, "semantic_dim": config.semantic_dim,
         "classes": config.num_classes, "losses": config.to_dict()["losses"], "replaces": config.replaces,
         "group": config.group, "checkpoint": checkpoint.name,
         "fingerprint": (f"{spec.kind}: {spec.dims} dims fitted by `concord fingerprint` (model-independent, for "

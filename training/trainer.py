@@ -49,7 +49,8 @@ class TrainConfig:
     replaces: str = ""
     group: str = "main"
     space: str = "concord"
-    dim: int = 256
+    semantic_dim: int = 256
+    """Width of the trained embedding; the stored vector adds the space's fingerprint (the manifest's `dim`)."""
     hidden: int = 512
     dropout: float = 0.1
     scale: float = 16.0
@@ -83,7 +84,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """A config from its dict form (a TOML file, a checkpoint's `config`)."""
-        return cls(**data)
+        return cls(**current_keys(data))
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
@@ -94,10 +95,20 @@ class TrainConfig:
         return asdict(self)
 
 
+def current_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with today's key names: the old `dim` is read as `semantic_dim`, so earlier checkpoints and
+    configs load unchanged."""
+    if "dim" not in data:
+        return data
+    if "semantic_dim" in data:
+        raise ValueError("a config names both 'dim' (the old name of semantic_dim) and 'semantic_dim'")
+    return {("semantic_dim" if k == "dim" else k): v for k, v in data.items()}
+
+
 @dataclass
 class TrainData:
     """Cached trunk features [views, N, 1280] of the training photos, their labels, and the frozen
-    reference models' embeddings [views, N, dim] and classifiers of the same photos, by model id."""
+    reference models' embeddings [views, N, semantic_dim] and classifiers of the same photos, by model id."""
 
     features: torch.Tensor
     labels: torch.Tensor
@@ -110,7 +121,7 @@ def build_losses(config: TrainConfig, data: TrainData) -> Weighted:
     terms: dict[str, tuple[float, nn.Module]] = {}
     for spec in config.losses:
         if spec.kind == "classification":
-            loss: nn.Module = Classification(config.dim, config.num_classes, config.scale)
+            loss: nn.Module = Classification(config.semantic_dim, config.num_classes, config.scale)
         elif spec.kind == "influence":
             old = extend_old_classifier(data.classifiers[spec.reference], data.references[spec.reference][0],
                                         data.labels, config.num_classes)
@@ -154,11 +165,14 @@ class Checkpoint:
         """Read the saved form (config as a dict); `required` names config keys that must be written out."""
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "model" not in state:
             raise CheckpointError("a checkpoint must hold 'config' (dict) and 'model' (state dict)")
-        missing = [key for key in required if key not in state["config"]]
-        if missing:
-            raise CheckpointError(f"its config lacks {missing}")
         try:
-            config = TrainConfig.from_dict(state["config"])
+            data = current_keys(state["config"])
+            missing = [key for key in required if key not in data]
+            if missing:
+                raise CheckpointError(f"its config lacks {missing}")
+            config = TrainConfig.from_dict(data)
+        except CheckpointError:
+            raise
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"its config is not a training config ({err})") from None
         return cls(config, state["model"], int(state.get("epoch") or 0), bool(state.get("done")),
@@ -187,7 +201,7 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> Checkpo
 def encoder_from_checkpoint(checkpoint: Checkpoint) -> Encoder:
     """Rebuild the (eval-mode) encoder a checkpoint describes (its config travels with it)."""
     cfg = checkpoint.config
-    encoder = build_encoder(cfg.arch, cfg.resolution, cfg.dim, cfg.hidden, cfg.dropout, pretrained=False)
+    encoder = build_encoder(cfg.arch, cfg.resolution, cfg.semantic_dim, cfg.hidden, cfg.dropout, pretrained=False)
     encoder.load_state_dict(checkpoint.model)
     encoder.fingerprint = load_fingerprint(cfg.space)
     return encoder.eval()
@@ -203,7 +217,7 @@ def embed_features(encoder: Encoder, features: torch.Tensor, batch: int = 4096) 
 def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool = True) -> Checkpoint:
     """Train the head of `config`'s encoder on `data`; resume from `checkpoint` if it is unfinished."""
     torch.manual_seed(config.seed)
-    encoder = build_encoder(config.arch, config.resolution, config.dim, config.hidden, config.dropout)
+    encoder = build_encoder(config.arch, config.resolution, config.semantic_dim, config.hidden, config.dropout)
     losses = build_losses(config, data)
     params = [p for p in [*encoder.head.parameters(), *losses.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
