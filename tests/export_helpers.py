@@ -19,7 +19,7 @@ def small_encoder(resolution: int, seed: int, photos: list[bytes]) -> Encoder:
     """A Lite0 encoder (random weights, no pretrained download) whose BatchNorm statistics are measured on
     `photos`, so its embeddings differ from photo to photo as a trained model's do."""
     torch.manual_seed(seed)
-    encoder = build_encoder("lite0", resolution, dim=DIM, hidden=0, pretrained=False)
+    encoder = build_encoder("lite0", resolution, semantic_dim=DIM, hidden=0, pretrained=False)
     spec = Preprocess(resolution, resolution)
     batch = torch.from_numpy(np.stack([preprocess(load_image(p), spec) for p in photos]))
     norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -35,16 +35,17 @@ def small_encoder(resolution: int, seed: int, photos: list[bytes]) -> Encoder:
 
 
 def train_config(model_id: str, role: str, version: int, resolution: int, parents: list[str],
-                 replaces: str = "", space: str = "test") -> dict[str, Any]:
-    """A trainer config dict, as checkpoints carry it."""
+                 replaces: str = "", space: str = "test") -> TrainConfig:
+    """A trainer config of a small Lite0 model."""
     return TrainConfig(model_id=model_id, role=role, version=version, arch="lite0", resolution=resolution,
                        num_classes=5, losses=[{"kind": "classification"}],  # type: ignore[list-item]
-                       parents=parents, replaces=replaces, space=space, dim=DIM, hidden=0).to_dict()
+                       parents=parents, replaces=replaces, space=space, semantic_dim=DIM, hidden=0)
 
 
-def write_checkpoint(path: Path, encoder: Encoder, config: dict[str, Any], done: bool = True) -> Path:
-    """A checkpoint in the trainer's format."""
+def write_checkpoint(path: Path, encoder: Encoder, config: TrainConfig | dict[str, Any], done: bool = True) -> Path:
+    """A checkpoint in the trainer's format (config as a dict, as the trainer saves it; a dict may be broken)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    config = config.to_dict() if isinstance(config, TrainConfig) else config
     torch.save({"config": config, "model": encoder.state_dict(), "done": done, "epoch": 1}, path)
     return path
 

@@ -18,6 +18,7 @@ from models.release import Release
 from tests.export_helpers import DIM, report, small_encoder, train_config, write_checkpoint
 from training import export as export_module
 from training.arch import build_encoder
+from training.convert import to_onnx
 from training.export import (
     ExportError,
     export_model,
@@ -25,7 +26,6 @@ from training.export import (
     load_encoder,
     model_entry,
     report_metrics,
-    to_onnx,
     verify_export,
 )
 
@@ -84,7 +84,7 @@ def test_the_runtime_reproduces_the_checkpoint_on_real_photos(exported: Path, ch
     inputs = preprocess_batch([load_image(p) for p in photos], release.manifest.model(model_id).preprocess)
     with torch.no_grad():
         want = encoder(torch.from_numpy(inputs)).numpy()
-    assert config["model_id"] == model_id
+    assert config.model_id == model_id
     assert (got * want).sum(axis=1).min() >= 0.9999
     assert (got @ got.T).min() < 0.95  # the photos embed apart: the comparison is not trivially 1
 
@@ -145,7 +145,8 @@ def test_a_release_missing_a_parent_is_refused(checkpoints: list[Path], photos: 
 
 
 def broken(folder: Path, photos: list[bytes], change: dict[str, Any], done: bool = True) -> Path:
-    config = {k: v for k, v in train_config("cloud-v1", "cloud", 1, 32, []).items() if change.get(k, 0) is not None}
+    config = {k: v for k, v in train_config("cloud-v1", "cloud", 1, 32, []).to_dict().items()
+              if change.get(k, 0) is not None}
     config.update({k: v for k, v in change.items() if v is not None})
     return write_checkpoint(folder / "broken.pt", small_encoder(32, 4, photos[:2]), config, done)
 
@@ -153,12 +154,20 @@ def broken(folder: Path, photos: list[bytes], change: dict[str, Any], done: bool
 @pytest.mark.parametrize("change, done, message", [
     ({"space": None, "parents": None}, True, r"its config lacks \['parents', 'space'\]"),
     ({}, False, r"training of 'cloud-v1' is unfinished \(epoch 1\)"),
-    ({"dim": 24}, True, r"the weights do not fit lite0 dim 24"),
+    ({"semantic_dim": 24}, True, r"the weights do not fit lite0 semantic_dim 24"),
+    ({"semantic_dim": None, "dim": 24}, True, r"the weights do not fit lite0 semantic_dim 24"),  # the old key
 ])
 def test_a_bad_checkpoint_is_named(tmp_path: Path, photos: list[bytes], change: dict[str, Any], done: bool,
                                    message: str) -> None:
     with pytest.raises(ExportError, match=message):
         load_encoder(broken(tmp_path, photos, change, done))
+
+
+def test_a_checkpoint_written_before_the_rename_still_loads(tmp_path: Path, photos: list[bytes]) -> None:
+    config = train_config("cloud-v1", "cloud", 1, 32, []).to_dict()
+    config["dim"] = config.pop("semantic_dim")  # the key's name until semantic and stored widths were told apart
+    _, loaded = load_encoder(write_checkpoint(tmp_path / "old.pt", small_encoder(32, 4, photos[:2]), config))
+    assert loaded.semantic_dim == DIM and model_entry(loaded).dim == DIM
 
 
 def test_an_unreadable_checkpoint_is_named(tmp_path: Path) -> None:
@@ -211,7 +220,7 @@ def test_same_padding_is_folded_into_the_convolutions(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     torch.manual_seed(0)
-    encoder = build_encoder("lite0", 96, dim=DIM, hidden=0, pretrained=False).eval()
+    encoder = build_encoder("lite0", 96, semantic_dim=DIM, hidden=0, pretrained=False).eval()
     path = to_onnx(encoder, tmp_path / "folded.onnx", 96)
     graph = onnx.load(str(path)).graph
     assert not [node.name for node in graph.node if node.op_type == "Pad"]  # every SAME pad now lives in its Conv

@@ -13,7 +13,8 @@ from models.preprocess import Preprocess, load_image, preprocess, preprocess_bat
 from models.runtime import OnnxEncoder
 from tests.export_helpers import train_config
 from training.arch import build_encoder
-from training.export import model_entry, to_onnx
+from training.convert import to_onnx
+from training.export import model_entry
 from training.fingerprint import Fingerprint, FingerprintSpec, colour_layout, discriminant, load_fingerprint
 
 
@@ -72,7 +73,7 @@ def test_the_encoder_appends_the_fingerprint_and_onnx_reproduces_it(fingerprint:
                                                                     sample_photos: dict[str, bytes],
                                                                     tmp_path: Path) -> None:
     torch.manual_seed(0)
-    encoder = build_encoder("lite0", 160, dim=16, hidden=0, pretrained=False).eval()
+    encoder = build_encoder("lite0", 160, semantic_dim=16, hidden=0, pretrained=False).eval()
     encoder.fingerprint = fingerprint
     images = preprocess_batch([load_image(d) for d in sample_photos.values()], Preprocess(resize=160, crop=160))
     with torch.no_grad():

@@ -18,13 +18,13 @@ from training.trainer import TrainConfig, TrainData, embed_features, encoder_fro
 
 @pytest.mark.parametrize("arch, millions", [("lite0", 4.65), ("lite1", 5.42), ("lite2", 6.09)])
 def test_pretrained_weights_load_strictly(arch: str, millions: float) -> None:
-    encoder = build_encoder(arch, dim=16, hidden=0)
+    encoder = build_encoder(arch, semantic_dim=16, hidden=0)
     params = sum(p.numel() for p in encoder.trunk.parameters()) / 1e6
     assert params == pytest.approx(millions, abs=0.01)
     state = pretrained_state_dict(arch)
     state.pop("_blocks.3._depthwise_conv.weight")
     with pytest.raises(RuntimeError, match="Missing key"):
-        build_encoder(arch, dim=16, hidden=0, pretrained=False).trunk.load_state_dict(state, strict=True)
+        build_encoder(arch, semantic_dim=16, hidden=0, pretrained=False).trunk.load_state_dict(state, strict=True)
 
 
 def test_pretrained_trunk_recognises_a_real_photo() -> None:
@@ -33,7 +33,7 @@ def test_pretrained_trunk_recognises_a_real_photo() -> None:
 
     from models.preprocess import Preprocess, preprocess
 
-    encoder = build_encoder("lite0", 224, dim=16, hidden=0).eval()
+    encoder = build_encoder("lite0", 224, semantic_dim=16, hidden=0).eval()
     image = Image.fromarray(data.chelsea())
     x = torch.from_numpy(preprocess(image, Preprocess(resize=224, crop=224)))[None]
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_pretrained_trunk_recognises_a_real_photo() -> None:
 
 
 def test_encoder_output_is_unit_norm() -> None:
-    encoder = build_encoder("lite0", 64, dim=32).eval()
+    encoder = build_encoder("lite0", 64, semantic_dim=32).eval()
     with torch.no_grad():
         out = encoder(torch.rand(3, 3, 64, 64))
     assert out.shape == (3, 32)
@@ -144,21 +144,22 @@ def test_tiny_training_run_improves_its_own_metric(tmp_path: Path) -> None:
     feats = torch.from_numpy(feature_matrix(table, paths))
     train_idx = np.arange(len(paths)) % 3 != 0
     config = TrainConfig(model_id="tiny", role="cloud", version=1, arch="lite0", resolution=96, num_classes=4,
-                         losses=[{"kind": "classification"}], dim=32, hidden=64, epochs=15, batch_size=16,
+                         losses=[{"kind": "classification"}], semantic_dim=32, hidden=64, epochs=15, batch_size=16,
                          lr=3e-3, views=["plain"])  # type: ignore[list-item]
     data = TrainData(feats[train_idx][None], torch.from_numpy(labels[train_idx]))
-    untrained = build_encoder("lite0", 96, dim=32, hidden=64)
+    untrained = build_encoder("lite0", 96, semantic_dim=32, hidden=64)
     state = train(config, data, tmp_path / "tiny.pt", progress=False)
     trained = encoder_from_checkpoint(state)
 
     def held_out_accuracy(head_embeddings: torch.Tensor) -> float:
-        classifier = torch.nn.functional.normalize(state["classifier"], dim=1)
+        assert state.classifier is not None
+        classifier = torch.nn.functional.normalize(state.classifier, dim=1)
         predicted = (head_embeddings[~train_idx] @ classifier.T).argmax(1).numpy()
         return float((predicted == labels[~train_idx]).mean())
 
     before = held_out_accuracy(embed_features(untrained, feats))
     after = held_out_accuracy(embed_features(trained, feats))
     assert after >= 0.9 and after > before
-    assert state["done"] and state["loss"]["classification"] < 1.0
+    assert state.done and state.loss["classification"] < 1.0
     resumed = train(config, data, tmp_path / "tiny.pt", progress=False)  # a finished run is not redone
-    assert resumed["epoch"] == config.epochs
+    assert resumed.epoch == config.epochs

@@ -153,13 +153,13 @@ class EfficientNetLite(nn.Module):
 
 
 class EmbeddingHead(nn.Module):
-    """Trunk features -> L2-normalised embedding: an MLP with a linear shortcut."""
+    """Trunk features -> L2-normalised semantic embedding [N, semantic_dim]: an MLP with a linear shortcut."""
 
-    def __init__(self, dim: int, hidden: int = 1024, dropout: float = 0.1) -> None:
+    def __init__(self, semantic_dim: int, hidden: int = 1024, dropout: float = 0.1) -> None:
         super().__init__()
-        self.linear = nn.Linear(FEATURE_DIM, dim)
+        self.linear = nn.Linear(FEATURE_DIM, semantic_dim)
         self.mlp = nn.Sequential(nn.Linear(FEATURE_DIM, hidden), nn.ReLU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, dim)) if hidden else None
+                                 nn.Linear(hidden, semantic_dim)) if hidden else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.linear(features)
@@ -171,12 +171,13 @@ class EmbeddingHead(nn.Module):
 class Encoder(nn.Module):
     """An image encoder of the shared space: `forward(image in [0,1]) -> unit-norm embedding`."""
 
-    def __init__(self, arch: str, resolution: int, dim: int, hidden: int = 1024, dropout: float = 0.1) -> None:
+    def __init__(self, arch: str, resolution: int, semantic_dim: int, hidden: int = 1024,
+                 dropout: float = 0.1) -> None:
         super().__init__()
         self.arch = arch
         self.resolution = resolution
         self.trunk = EfficientNetLite(ARCHS[arch], resolution)
-        self.head = EmbeddingHead(dim, hidden, dropout)
+        self.head = EmbeddingHead(semantic_dim, hidden, dropout)
         self.fingerprint: Fingerprint | None = None
         """The space's photo fingerprint, appended to the embedding when the space has one (not trained)."""
 
@@ -204,12 +205,12 @@ def pretrained_state_dict(arch: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_encoder(arch: str, resolution: int | None = None, dim: int = 256, hidden: int = 1024,
+def build_encoder(arch: str, resolution: int | None = None, semantic_dim: int = 256, hidden: int = 1024,
                   dropout: float = 0.1, pretrained: bool = True) -> Encoder:
     """The one factory: an encoder of a registered architecture, trunk loaded strictly from ImageNet."""
     if arch not in ARCHS:
         raise KeyError(f"unknown architecture {arch!r}; registered: {sorted(ARCHS)}")
-    encoder = Encoder(arch, resolution or ARCHS[arch].resolution, dim, hidden, dropout)
+    encoder = Encoder(arch, resolution or ARCHS[arch].resolution, semantic_dim, hidden, dropout)
     if pretrained:
         encoder.trunk.load_state_dict(pretrained_state_dict(arch), strict=True)
     return encoder

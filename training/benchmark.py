@@ -66,15 +66,15 @@ def training_data(config: TrainConfig, bench: Benchmark, paths: Paths) -> TrainD
     data = TrainData(features(bench, photos, config.arch, config.resolution, config.views, paths.cache),
                      torch.from_numpy(photos.labels))
     for ref in config.references:
-        state = load_checkpoint(paths.checkpoint(ref))
-        if not state.get("done"):
+        checkpoint = load_checkpoint(paths.checkpoint(ref))
+        if not checkpoint.done:
             raise RuntimeError(f"{config.model_id} needs the finished model {ref}; train it first")
-        encoder = encoder_from_checkpoint(state)
-        ref_cfg = state["config"]
-        ref_features = features(bench, photos, ref_cfg["arch"], ref_cfg["resolution"], config.views, paths.cache)
+        encoder = encoder_from_checkpoint(checkpoint)
+        ref_cfg = checkpoint.config
+        ref_features = features(bench, photos, ref_cfg.arch, ref_cfg.resolution, config.views, paths.cache)
         data.references[ref] = torch.stack([embed_features(encoder, view) for view in ref_features])
-        if state.get("classifier") is not None:
-            data.classifiers[ref] = state["classifier"]
+        if checkpoint.classifier is not None:
+            data.classifiers[ref] = checkpoint.classifier
     return data
 
 
@@ -82,7 +82,7 @@ def train_model(model_id: str, bench: Benchmark, paths: Paths, config: TrainConf
     """Train one benchmark model (skipped when its checkpoint is finished); returns the checkpoint."""
     config = config or recipe_config(model_id)
     checkpoint = paths.checkpoint(config.model_id)
-    if checkpoint.exists() and load_checkpoint(checkpoint).get("done"):
+    if checkpoint.exists() and load_checkpoint(checkpoint).done:
         return checkpoint
     train(config, training_data(config, bench, paths), checkpoint)
     return checkpoint
@@ -99,9 +99,9 @@ class Embedded:
 
 def embed_model(model_id: str, bench: Benchmark, paths: Paths) -> Embedded:
     """Encode the queries (and, for a cloud model, the gallery) with a trained model."""
-    state = load_checkpoint(paths.checkpoint(model_id))
-    config = TrainConfig(**state["config"])
-    encoder = encoder_from_checkpoint(state)
+    checkpoint = load_checkpoint(paths.checkpoint(model_id))
+    config = checkpoint.config
+    encoder = encoder_from_checkpoint(checkpoint)
 
     def encode(photos: PhotoSet) -> np.ndarray:
         feats = features(bench, photos, config.arch, config.resolution, ["plain"], paths.cache)[0]

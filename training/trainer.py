@@ -49,7 +49,8 @@ class TrainConfig:
     replaces: str = ""
     group: str = "main"
     space: str = "concord"
-    dim: int = 256
+    semantic_dim: int = 256
+    """Width of the trained embedding; the stored vector adds the space's fingerprint (the manifest's `dim`)."""
     hidden: int = 512
     dropout: float = 0.1
     scale: float = 16.0
@@ -81,18 +82,33 @@ class TrainConfig:
         return list(dict.fromkeys(spec.reference for spec in self.losses if spec.reference))
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config from its dict form (a TOML file, a checkpoint's `config`)."""
+        return cls(**current_keys(data))
+
+    @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
         with open(path, "rb") as f:
-            return cls(**tomllib.load(f))
+            return cls.from_dict(tomllib.load(f))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def current_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with today's key names: the old `dim` is read as `semantic_dim`, so earlier checkpoints and
+    configs load unchanged."""
+    if "dim" not in data:
+        return data
+    if "semantic_dim" in data:
+        raise ValueError("a config names both 'dim' (the old name of semantic_dim) and 'semantic_dim'")
+    return {("semantic_dim" if k == "dim" else k): v for k, v in data.items()}
+
+
 @dataclass
 class TrainData:
     """Cached trunk features [views, N, 1280] of the training photos, their labels, and the frozen
-    reference models' embeddings [views, N, dim] and classifiers of the same photos, by model id."""
+    reference models' embeddings [views, N, semantic_dim] and classifiers of the same photos, by model id."""
 
     features: torch.Tensor
     labels: torch.Tensor
@@ -105,7 +121,7 @@ def build_losses(config: TrainConfig, data: TrainData) -> Weighted:
     terms: dict[str, tuple[float, nn.Module]] = {}
     for spec in config.losses:
         if spec.kind == "classification":
-            loss: nn.Module = Classification(config.dim, config.num_classes, config.scale)
+            loss: nn.Module = Classification(config.semantic_dim, config.num_classes, config.scale)
         elif spec.kind == "influence":
             old = extend_old_classifier(data.classifiers[spec.reference], data.references[spec.reference][0],
                                         data.labels, config.num_classes)
@@ -124,26 +140,70 @@ def classifier_weight(losses: Weighted) -> torch.Tensor | None:
     return None
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of the trainer's format."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A training checkpoint: the config it was trained from, the encoder's weights, how far training got, the
+    model's own classifier (later models' BCT needs it), and the optimiser's state to resume from."""
+
+    config: TrainConfig
+    model: dict[str, torch.Tensor]
+    epoch: int = 0
+    done: bool = False
+    classifier: torch.Tensor | None = None
+    loss: dict[str, float] = field(default_factory=dict)
+    resume: dict[str, Any] = field(default_factory=dict)
+    """State dicts of the losses, optimizer and scheduler, by those names."""
+
+    RESUME_KEYS = ("losses", "optimizer", "scheduler")
+
+    @classmethod
+    def from_state(cls, state: Any, required: tuple[str, ...] = ()) -> Checkpoint:
+        """Read the saved form (config as a dict); `required` names config keys that must be written out."""
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "model" not in state:
+            raise CheckpointError("a checkpoint must hold 'config' (dict) and 'model' (state dict)")
+        try:
+            data = current_keys(state["config"])
+            missing = [key for key in required if key not in data]
+            if missing:
+                raise CheckpointError(f"its config lacks {missing}")
+            config = TrainConfig.from_dict(data)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"its config is not a training config ({err})") from None
+        return cls(config, state["model"], int(state.get("epoch") or 0), bool(state.get("done")),
+                   state.get("classifier"), dict(state.get("loss") or {}),
+                   {key: state[key] for key in cls.RESUME_KEYS if key in state})
+
+    def to_state(self) -> dict[str, Any]:
+        """The saved form: plain dicts and tensors, config as a dict."""
+        return {"config": self.config.to_dict(), "model": self.model, **self.resume, "epoch": self.epoch,
+                "classifier": self.classifier, "done": self.done, "loss": self.loss}
+
+
+def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Write atomically: a crash leaves the previous checkpoint or this one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(checkpoint.to_state(), buffer)
     write_atomic(path, buffer.getbuffer())
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    return state
+def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> Checkpoint:
+    """The one reader of checkpoints (see `Checkpoint.from_state`)."""
+    return Checkpoint.from_state(torch.load(path, map_location="cpu", weights_only=False), required)
 
 
-def encoder_from_checkpoint(state: dict[str, Any]) -> Encoder:
-    """Rebuild the encoder a checkpoint describes (its config travels with it)."""
-    cfg = state["config"]
-    encoder = build_encoder(cfg["arch"], cfg["resolution"], cfg["dim"], cfg["hidden"], cfg["dropout"],
-                            pretrained=False)
-    encoder.load_state_dict(state["model"])
-    encoder.fingerprint = load_fingerprint(cfg.get("space", "concord"))
+def encoder_from_checkpoint(checkpoint: Checkpoint) -> Encoder:
+    """Rebuild the (eval-mode) encoder a checkpoint describes (its config travels with it)."""
+    cfg = checkpoint.config
+    encoder = build_encoder(cfg.arch, cfg.resolution, cfg.semantic_dim, cfg.hidden, cfg.dropout, pretrained=False)
+    encoder.load_state_dict(checkpoint.model)
+    encoder.fingerprint = load_fingerprint(cfg.space)
     return encoder.eval()
 
 
@@ -154,10 +214,10 @@ def embed_features(encoder: Encoder, features: torch.Tensor, batch: int = 4096) 
     return torch.cat([encoder.head(features[i:i + batch]) for i in range(0, len(features), batch)])
 
 
-def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool = True) -> dict[str, Any]:
+def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool = True) -> Checkpoint:
     """Train the head of `config`'s encoder on `data`; resume from `checkpoint` if it is unfinished."""
     torch.manual_seed(config.seed)
-    encoder = build_encoder(config.arch, config.resolution, config.dim, config.hidden, config.dropout)
+    encoder = build_encoder(config.arch, config.resolution, config.semantic_dim, config.hidden, config.dropout)
     losses = build_losses(config, data)
     params = [p for p in [*encoder.head.parameters(), *losses.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -167,17 +227,17 @@ def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool
                                                     pct_start=0.1)
     start = 0
     if checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        if state.get("done"):
-            return state
-        encoder.load_state_dict(state["model"])
-        losses.load_state_dict(state["losses"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["epoch"]
+        previous = load_checkpoint(checkpoint)
+        if previous.done:
+            return previous
+        encoder.load_state_dict(previous.model)
+        losses.load_state_dict(previous.resume["losses"])
+        optimizer.load_state_dict(previous.resume["optimizer"])
+        scheduler.load_state_dict(previous.resume["scheduler"])
+        start = previous.epoch
     generator = torch.Generator().manual_seed(config.seed + start)
     bar = tqdm(range(start, config.epochs), desc=config.model_id, unit="epoch", disable=not progress)
-    state = {}
+    saved: Checkpoint | None = None
     for epoch in bar:
         encoder.head.train()
         began, totals = time.perf_counter(), dict[str, float]()
@@ -194,10 +254,11 @@ def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool
             totals = {k: totals.get(k, 0.0) + v * len(idx) / num_photos for k, v in parts.items()}
         rate = num_photos / (time.perf_counter() - began)
         bar.set_postfix({**{k.split(":")[0][:5]: f"{v:.3f}" for k, v in totals.items()}, "photo/s": f"{rate:.0f}"})
-        state = {"config": config.to_dict(), "model": encoder.state_dict(), "losses": losses.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                 "classifier": classifier_weight(losses), "done": epoch + 1 == config.epochs,
-                 "loss": totals}
-        if state["done"] or (epoch + 1) % config.checkpoint_every == 0:
-            save_checkpoint(checkpoint, state)
-    return state
+        saved = Checkpoint(config, encoder.state_dict(), epoch + 1, epoch + 1 == config.epochs,
+                           classifier_weight(losses), totals,
+                           {"losses": losses.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict()})
+        if saved.done or (epoch + 1) % config.checkpoint_every == 0:
+            save_checkpoint(checkpoint, saved)
+    assert saved is not None, "a resumed run has at least one epoch left"
+    return saved

@@ -1,0 +1,128 @@
+"""The benchmark protocol as data: each model's embeddings, the labels, and which pairs the report judges
+(upgrades, cross-device pairs, the tax, flips, the mixed gallery). Torch-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MAIN = "main"
+"""Group of the models of the product chain; any other group names a baseline (e.g. "independent")."""
+ROLES = ("cloud", "edge")
+GAP_THRESHOLD = 0.03
+"""Largest cross-device gap M(cloud, cloud) - M(edge, cloud) on Recall@1 that passes."""
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""Default shares of the mixed gallery encoded by the new cloud model."""
+UPGRADE_METRICS = ("recall@1", "map")
+"""ECC is judged on both; an upgrade passes on a gallery when it passes both."""
+
+
+@dataclass(frozen=True, eq=False)
+class ModelEmbeddings:
+    """One model's benchmark embeddings (L2-normalised float32): queries [Nq, d] for every model, the
+    gallery [Ng, d] for cloud models only (edge models never index). `group` is "main" for the product
+    chain, else the baseline's name."""
+
+    id: str
+    role: str
+    version: int
+    queries: np.ndarray
+    gallery: np.ndarray | None = None
+    group: str = MAIN
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"model {self.id!r}: role must be one of {ROLES}, got {self.role!r}")
+        if (self.role == "cloud") != (self.gallery is not None):
+            need = "needs gallery embeddings" if self.role == "cloud" else "must not have gallery embeddings"
+            raise ValueError(f"model {self.id!r}: a {self.role} model {need}")
+        if self.queries.ndim != 2 or (self.gallery is not None and self.gallery.shape[1:] != self.queries.shape[1:]):
+            raise ValueError(f"model {self.id!r}: queries {self.queries.shape} and gallery "
+                             f"{None if self.gallery is None else self.gallery.shape} must be [N, d] of one d")
+
+    @property
+    def dim(self) -> int:
+        return int(self.queries.shape[1])
+
+    @property
+    def baseline(self) -> bool:
+        return self.group != MAIN
+
+
+@dataclass(frozen=True, eq=False)
+class Labels:
+    """Class labels of the queries [Nq] and gallery [Ng] (-1 = distractor), and the old-class query mask."""
+
+    queries: np.ndarray
+    gallery: np.ndarray
+    old_queries: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.old_queries.shape != self.queries.shape:
+            raise ValueError(f"old-class mask {self.old_queries.shape} and query labels {self.queries.shape} differ")
+
+
+@dataclass(frozen=True)
+class UpgradePair:
+    """An upgrade: `new` replaces `replaced` (same role) and is judged on each of the older cloud `galleries`."""
+
+    new: str
+    replaced: str
+    galleries: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DevicePair:
+    """An edge model and the cloud model of its version, whose gallery it searches."""
+
+    edge: str
+    cloud: str
+
+
+@dataclass(frozen=True)
+class TaxPair:
+    """The independently trained new model and the compatible new model it is compared with."""
+
+    independent: str
+    compatible: str
+
+
+@dataclass(frozen=True)
+class FlipPair:
+    """NFR/PFR of moving queries from model `a` to model `b`, both searching `gallery`."""
+
+    a: str
+    b: str
+    gallery: str
+
+
+@dataclass(frozen=True)
+class MixedSpec:
+    """Mixed gallery: a share p of the photos encoded by `new_gallery`, the rest by `old_gallery`, in one index,
+    searched by each of `query_models`; the photos taken come from one permutation drawn with `seed`."""
+
+    old_gallery: str
+    new_gallery: str
+    query_models: tuple[str, ...]
+    shares: tuple[float, ...] = SHARES
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if 0.0 not in self.shares or any(not 0.0 <= p <= 1.0 for p in self.shares):
+            raise ValueError(f"mixed-gallery shares must lie in [0, 1] and include 0 (the all-old end), "
+                             f"got {self.shares}")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What the report judges. `matrix` lists extra (query, gallery) pairs to measure beyond the default:
+    every query model on every cloud gallery of the same dim whose group is its own or "main"."""
+
+    upgrades: tuple[UpgradePair, ...] = ()
+    cross_device: tuple[DevicePair, ...] = ()
+    tax: TaxPair | None = None
+    flips: tuple[FlipPair, ...] = ()
+    mixed: MixedSpec | None = None
+    gap_threshold: float = GAP_THRESHOLD
+    matrix: tuple[tuple[str, str], ...] = ()
