@@ -81,7 +81,7 @@ def build_tiny_release(folder: Path, fingerprint: Fingerprint | None = None) -> 
     """Export the four tiny models (server fp32 + device batch-1 files) and write manifest.json; with a
     `fingerprint`, every model appends it (`Fingerprinted`) and the space declares it."""
     folder.mkdir(parents=True, exist_ok=True)
-    from training.export import to_onnx
+    from training.convert import to_onnx
 
     dim = TINY_DIM + (fingerprint.dims if fingerprint else 0)
     entries = {}

@@ -19,7 +19,8 @@ from models.runtime import OnnxEncoder
 from tests.export_helpers import small_encoder, train_config
 from training.arch import Encoder
 from training.cache import _load_view
-from training.export import model_entry, to_onnx
+from training.convert import to_onnx
+from training.export import model_entry
 
 RESOLUTION = 64
 ORIENTATION = 0x0112
