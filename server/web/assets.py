@@ -7,6 +7,7 @@ Only the files the page needs are served, each by its plain name: a request can 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 PROJECT = Path(__file__).resolve().parents[2]
 """The project folder (where package.json and node_modules lie in a checkout)."""
 ORT_PACKAGE = "onnxruntime-web"
+ORT_DIR_VARIABLE = "CONCORD_ORT_DIR"
+"""Names onnxruntime-web's package folder when it is not in a node_modules the server looks in."""
 ORT_MODULE = "ort.wasm.min.mjs"
 """onnxruntime-web's ES module with the WebAssembly backend only (no WebGPU/WebGL: WebGPU has int8 bugs)."""
 ORT_FILES = (ORT_MODULE, "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
@@ -47,7 +50,11 @@ class OrtAssets:
 
 
 def ort_candidates() -> list[Path]:
-    """Folders that may hold onnxruntime-web's package: the project's node_modules, then the current folder's."""
+    """Folders that may hold onnxruntime-web's package: $CONCORD_ORT_DIR alone when set, else the project's
+    node_modules, then the current folder's."""
+    given = os.environ.get(ORT_DIR_VARIABLE, "").strip()
+    if given:
+        return [Path(given).expanduser()]
     folders = [PROJECT / "node_modules" / ORT_PACKAGE, Path.cwd() / "node_modules" / ORT_PACKAGE]
     return list(dict.fromkeys(folders))
 

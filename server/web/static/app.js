@@ -255,7 +255,7 @@ async function uploadFiles(fileList) {
     doneFiles += batch.length;
     bar.value = doneBytes / total;
   }
-  text.textContent = `${files.length} photos: ${added} added, ${duplicates} already in the library` +
+  text.textContent = `${files.length} photo${files.length === 1 ? "" : "s"}: ${added} added, ${duplicates} already in the library` +
     (failures.length ? `; refused: ${failures.join("; ")}` : ".");
   text.dataset.done = "true";
   window.concord.uploads += 1;
@@ -363,8 +363,13 @@ async function decodePhoto(base64) {
 
 async function start() {
   window.concord = {
-    ready: readyPromise, last: null, searches: 0, uploads: 0, timeEncodes, preprocessRGB, decodePhoto,
-    get encoder() { return state.encoder ? { modelId: state.encoder.modelId, variant: state.encoder.variant } : null; },
+    ready: readyPromise, started: false, startError: null, last: null, searches: 0, uploads: 0,
+    timeEncodes, preprocessRGB, decodePhoto,
+    get encoder() {
+      const e = state.encoder;
+      return e ? { modelId: e.modelId, variant: e.variant, threads: e.ort.env.wasm.numThreads,
+        crossOriginIsolated: self.crossOriginIsolated, ort: state.config.ort.version } : null;
+    },
     get fallbackReason() { return state.fallbackReason; },
   };
   wire();
@@ -374,6 +379,8 @@ async function start() {
   } catch (err) {
     setStatus("The server did not answer", "error");
     notice(`The page cannot start: ${errorText(err)}`, "error");
+    window.concord.startError = errorText(err);
+    window.concord.started = true;
     ready(false);
     return;
   }
@@ -388,6 +395,7 @@ async function start() {
            `(POST /v1/search/photo), which encodes it with ${state.models.active_model}.`);
   }
   renderModels();
+  window.concord.started = true;
   ready(true);
 }
 
