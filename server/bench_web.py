@@ -118,7 +118,9 @@ def run(release: Path, photos: dict[str, bytes], rounds: int = 20, warmup: int =
             samples = {"browser_ms": browser_model, "browser_total_ms": browser_total, "python_ms": python_model,
                        "python_total_ms": python_total}
             rows.append({"photo": name, "size": f"{image.width}x{image.height}", "mode": _mode(photo),
-                         "cosine": cosine(vector, expected), **{k: stats(v) for k, v in samples.items()},
+                         "cosine": cosine(vector, expected),
+                         "max_abs_diff": float(np.abs(np.asarray(vector, dtype=np.float32) - expected).max()),
+                         **{k: stats(v) for k, v in samples.items()},
                          "samples_ms": samples})
         pooled = {key: stats([t for row in rows for t in row["samples_ms"][key]]) for key in TIMINGS}
         result = {**report.header(), "release": report.shown_path(release), "model": encoder,
@@ -163,7 +165,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- median of all {runs} encodes: browser model {median['browser_ms']:.1f} ms, Python int8 model "
         f"{median['python_ms']:.1f} ms ({median['browser_ms'] / median['python_ms']:.1f}x); photo to vector "
         f"{median['browser_total_ms']:.1f} ms vs {median['python_total_ms']:.1f} ms",
-        f"- lowest cosine between the browser's and Python's embedding: {result['cosine_min']:.6f}",
+        f"- lowest cosine between the browser's and Python's embedding: {result['cosine_min']:.6f}; largest "
+        f"difference of one component: {max(r['max_abs_diff'] for r in result['photos']):.2e}",
         "",
         report.context_markdown(result),
     ]

@@ -55,8 +55,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The shipped release, cloud-v2 indexing, the API key required for reads too (every page call needs it)."""
     process = ServerProcess(DEFAULT_RELEASE, tmp_path_factory.mktemp("web") / "data", model="cloud-v2")
     process.argv.append("--auth-reads")
-    with process.start(timeout=300):
+    process.start(timeout=300)
+    try:
         yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +163,33 @@ def test_page_falls_back_to_server_search_without_onnxruntime_web(browser: Any, 
     through POST /v1/search/photo, and asks for the key at the first upload."""
     process = ServerProcess(DEFAULT_RELEASE, tmp_path / "data", model="cloud-v2")
     process.env[ORT_DIR_VARIABLE] = str(tmp_path / "no-node-modules")
-    with process.start(timeout=300), SearchPage(browser, process.url, API_KEY) as page:
+    process.start(timeout=300)
+    try:
+        _check_fallback(browser, process, photos)
+    finally:
+        process.stop()
+
+
+def _check_fallback(browser: Any, process: ServerProcess, photos: dict[str, Path]) -> None:
+    with SearchPage(browser, process.url, API_KEY) as page:
         assert page.open()
         assert page.key_asked == 0
         assert page.state("encoder") is None
         notice = page.page.get_by_test_id("notice").inner_text()
         assert "cannot run the model" in notice and "npm ci" in notice and "/v1/search/photo" in notice
-        assert page.upload([photos["coffee.jpg"], photos["rocket.jpg"]]).startswith("2 photos: 2 added")
-        assert page.key_asked == 1
+        # the first upload needs the key: a wrong one is refused (403) and the page asks again
+        page.tab("library")
+        chosen = [str(photos[name]) for name in ("coffee.jpg", "rocket.jpg")]
+        page.page.get_by_test_id("library-input").set_input_files(chosen)
+        dialog = page.page.get_by_test_id("key-dialog")
+        dialog.wait_for(state="visible")
+        page.page.get_by_test_id("key-input").fill("wrong-key")
+        page.page.get_by_test_id("key-submit").click()
+        page.page.wait_for_function("() => document.getElementById('key-dialog').open")
+        assert "refused" in dialog.inner_text()
+        page.give_key()
+        page.wait("window.concord.uploads > 0")
+        assert page.page.get_by_test_id("upload-text").inner_text().startswith("2 photos: 2 added")
         last = page.search(photos["coffee.jpg"], match="duplicate")
         assert last["via"] == "server" and last["modelId"] == "cloud-v2"
         assert _names(last["answer"]["hits"])[0] == "coffee.jpg"
