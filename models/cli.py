@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("server.cli", "Index bundled photos, search from the edge, upgrade without re-indexing."),
     "bench": ("server.cli", "Benchmark search, encoding and upgrade cost; write reports/bench."),
     "verify-release": ("server.cli", "Check through a real server that the release reproduces its manifest's figures."),
+    "web-bench": ("server.cli", "Time the search page's in-browser encoder against onnxruntime in Python."),
     "neardup": ("edge.cli", "Near-duplicate search: edge queries must find the original in the cloud gallery."),
 }
 

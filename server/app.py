@@ -20,6 +20,7 @@ from server.metrics import Metrics, RequestMetrics
 from server.security import AuthError, BodyLimit
 from server.service import Service, ServiceError
 from server.settings import Settings
+from server.web import router as web_router
 
 log = logging.getLogger("concord.server")
 DESCRIPTION = """Photo search whose models never force a re-index.
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.service = None
     app.include_router(router)
+    app.include_router(web_router)  # the search page at / and the model files it runs
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # added last: outermost, so it counts 413s too
     _add_handlers(app)

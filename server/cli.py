@@ -139,3 +139,23 @@ def bench(
              evaluation=evaluation, out=out)
     except (ValueError, OSError, RuntimeError) as err:
         fail(str(err))
+
+
+@app.command("web-bench")
+def web_bench(
+    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
+                                                 "release]")] = None,
+    photos: Annotated[Path | None, typer.Option(help="A folder of photos (default: scikit-image's bundled photos, "
+                                                "several sizes, a greyscale one and a PNG)")] = None,
+    rounds: Annotated[int, typer.Option(help="Timed encodes per photo, in the browser and in Python")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed encodes per photo first")] = 3,
+    out: Annotated[Path, typer.Option(help="Report folder")] = Path("reports/web"),
+) -> None:
+    """Time the search page's in-browser encoder against onnxruntime in Python; write <out>/web_bench.json and .md."""
+    from server.bench.browser import BrowserMissing
+    from server.bench.web import main
+
+    try:
+        main(release, photos, rounds, warmup, out)
+    except (BrowserMissing, ValueError, RuntimeError, OSError) as err:
+        fail(str(err))
