@@ -1,7 +1,8 @@
 """The search page in a real headless Chromium against a real `concord serve` with the shipped release and an
 API key: upload through the page, search from it (the query encoded in the browser by onnxruntime-web), check
 the results, "more like this", the match switch and the models view, and that the browser's embedding equals
-the Python edge encoder's on the same photos and file. Writes the README's screenshots to docs/screenshots.
+the Python edge encoder's on the same photos and file. Writes screenshots of the page: to a temporary folder, or to
+$CONCORD_SCREENSHOTS (`CONCORD_SCREENSHOTS=docs/screenshots` remakes the README's).
 
 A missing Chromium or onnxruntime-web FAILS these tests (with how to get them: `make test` installs both); they
 are never skipped.
@@ -10,6 +11,7 @@ are never skipped.
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,15 @@ from server.bench.web import cosine, parity_photos
 from server.web.assets import ORT_DIR_VARIABLE
 from tests.server_helpers import API_KEY, ServerProcess
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 PARITY = 0.99
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the page's screenshots go: $CONCORD_SCREENSHOTS when set (the README's), else a temporary folder."""
+    folder = Path(os.environ.get("CONCORD_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +80,7 @@ def _names(hits: list[dict[str, Any]]) -> list[str]:
 
 
 def test_upload_search_and_parity_through_the_page(browser: Any, server: ServerProcess, photos: dict[str, Path],
-                                                    python_encoder: Any) -> None:
+                                                   screenshots: Path, python_encoder: Any) -> None:
     with SearchPage(browser, server.url, API_KEY) as page:
         assert page.open(), page.state("startError")
         assert page.key_asked == 1, "the page should ask for the key at its first call (reads need it here)"
@@ -86,7 +95,7 @@ def test_upload_search_and_parity_through_the_page(browser: Any, server: ServerP
         page.wait_images("library")
         assert page.page.get_by_test_id("library").get_by_test_id("hit").count() == len(photos)
         assert f"{len(photos)} photos in the library" in page.page.get_by_test_id("library-count").inner_text()
-        page.screenshot(SCREENSHOTS / "upload.png")
+        page.screenshot(screenshots / "upload.png")
         stats = httpx.get(f"{server.url}/v1/stats", headers={"X-API-Key": API_KEY}).json()
         assert stats["photos"] == len(photos) and stats["vectors"] == {"cloud-v2": len(photos)}
         again = page.upload([photos["chelsea.jpg"]])
@@ -121,7 +130,7 @@ def test_upload_search_and_parity_through_the_page(browser: Any, server: ServerP
         assert cards.first.get_by_test_id("hit-model").inner_text() == "vector by cloud-v2"
         assert "encoded it in this browser in" in page.page.get_by_test_id("encode-time").inner_text()
         page.wait_images("results")
-        page.screenshot(SCREENSHOTS / "search.png")
+        page.screenshot(screenshots / "search.png")
 
         # more like this: searched with the stored photo's own vector, itself left out
         first = hits[0]["id"]
@@ -137,7 +146,7 @@ def test_upload_search_and_parity_through_the_page(browser: Any, server: ServerP
         table = page.page.get_by_test_id("models").inner_text()
         assert "active: indexes new photos" in table and "this page encodes with it" in table
         assert "cloud-v2, edge-v1" in table  # edge-v2's lineage
-        page.screenshot(SCREENSHOTS / "models.png")
+        page.screenshot(screenshots / "models.png")
         assert page.key_asked == 1, "the key is asked for once and kept"
         assert page.errors == []
 
