@@ -1,7 +1,7 @@
 """The Concord photo-search server: `create_app(settings)` builds the FastAPI app.
 
 Its lifespan opens the release (sha256-verified) and the gallery store, and closes the store (saving the
-FAISS index) at shutdown. Routes live in `server.api`; the blocking work in `server.service`.
+FAISS index) at shutdown. Routes live in `server.api` (routes, schemas, deps); the blocking work in `server.service`.
 """
 
 from __future__ import annotations

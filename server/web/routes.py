@@ -14,7 +14,8 @@ from starlette.concurrency import run_in_threadpool
 
 from models.manifest import ModelEntry
 from models.release import ReleaseError
-from server.api import PhotoOut, _photo, get_service, require_read_key
+from server.api.deps import get_service, require_read_key
+from server.api.schemas import PhotoOut, photo_out
 from server.service import NotFound, Service, ServiceError
 from server.web.assets import find_ort, media_type, ort_file, static_file
 
@@ -181,4 +182,4 @@ def _library(service: Service, offset: int, limit: int) -> LibraryPage:
     ids = service.store.catalogue_ids()
     chosen = ids[::-1][offset:offset + limit]
     records = [record for i in chosen if (record := service.store.get(i)) is not None]
-    return LibraryPage(total=len(ids), offset=offset, limit=limit, photos=[_photo(r) for r in records])
+    return LibraryPage(total=len(ids), offset=offset, limit=limit, photos=[photo_out(r) for r in records])
