@@ -8,6 +8,7 @@ anything is written: a refused request leaves the store as it was.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from models.gate import check_gate
 from models.lineage import explain_incompatible, searchable_galleries
 from models.manifest import Manifest, ModelEntry
 from models.match import MATCHES, Match, query_vectors
-from models.preprocess import ImageError, load_image
+from models.preprocess import MAX_PIXELS, ImageError, load_image, preprocess
 from models.release import Release
 from server.metrics import Metrics
 from server.security import ACCEPTED, sniff_image
@@ -32,8 +33,27 @@ from server.store import check_vector as store_check_vector
 from server.vector_index import set_search_threads
 
 log = logging.getLogger("concord.server")
-MAX_K = 1000
+MAX_K = 100
+"""Most hits in one answer: with metadata capped per photo (`Limits.max_metadata_bytes`) an answer stays under
+about k x (cap + 300 bytes), 0.5 MB at the defaults (k=1000 once answered 18 MB)."""
 MAX_OFFSET = 100_000
+ENCODE_BATCH = 16
+"""Photos decoded, preprocessed and encoded together: only their small model inputs are held at once."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost: decoded pixels (CPU), metadata bytes per photo, concurrent decodes (memory)."""
+
+    max_request_pixels: int = 512_000_000
+    """Pixels of all new photos of one upload, by their headers (16 photos of 32 MP); more gets 413."""
+    max_photo_pixels: int = MAX_PIXELS
+    """Pixels of one photo (the decompression-bomb guard); more gets 422."""
+    max_metadata_bytes: int = 4096
+    """JSON size of one photo's metadata; larger gets 413 (a request stores at most files x this)."""
+    decode_slots: int = 2
+    """Photos decoded at once in the whole process: each may take ~170 MB at the pixel guard, so the decoded
+    pixels of all requests together stay under decode_slots x 170 MB."""
 
 
 class ServiceError(Exception):
@@ -59,6 +79,12 @@ class Conflict(ServiceError):
 
 class UnsupportedMedia(ServiceError):
     status = 415
+
+
+class TooLarge(ServiceError):
+    """A request within the body limit whose photos or metadata are over another limit."""
+
+    status = 413
 
 
 class Unprocessable(ServiceError):
@@ -111,8 +137,10 @@ class Service:
     """One release and one gallery store, with the active cloud model that indexes new photos."""
 
     def __init__(self, release: Release, store: GalleryStore, active_model: str, metrics: Metrics | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, limits: Limits | None = None) -> None:
         self.release = release
+        self.limits = limits or Limits()
+        self._decode_slots = threading.BoundedSemaphore(self.limits.decode_slots)
         self.store = store
         self.metrics = metrics or Metrics()
         self.threads = threads
@@ -121,6 +149,8 @@ class Service:
         self._count_lock = threading.Lock()
         self.encoded_photos = 0
         """Photos this process ran through an encoder (a test proves an upgrade adds none)."""
+        manifest_file = Path(release.folder) / "manifest.json"
+        self._manifest_digest = hashlib.sha256(manifest_file.read_bytes()).hexdigest() if manifest_file.exists() else ""
         self.metrics.set_gallery(store.counts())
 
     @classmethod
@@ -147,7 +177,9 @@ class Service:
                 log.warning("CONCORD_MODEL=%s ignored: the store in %s indexes with %s; change it with "
                             "POST /v1/models/upgrade", settings.model, data_dir, active)
             release.encoder(str(active), threads=settings.threads)  # load it now: ready means ready to index
-            return cls(release, store, str(active), metrics, settings.threads)
+            limits = Limits(max_request_pixels=settings.max_request_pixels,
+                            max_metadata_bytes=settings.max_metadata_bytes)
+            return cls(release, store, str(active), metrics, settings.threads, limits)
         except BaseException:
             store.close()
             raise
@@ -161,6 +193,11 @@ class Service:
         return self.release.manifest
 
     @property
+    def release_name(self) -> str:
+        """The release's name, or for an unnamed one the start of its manifest's sha256 (never a server path)."""
+        return self.manifest.release or f"sha256:{self._manifest_digest[:12]}"
+
+    @property
     def active_model(self) -> str:
         """The cloud model that encodes new photos."""
         return self._active
@@ -170,8 +207,9 @@ class Service:
     def add_photos(self, uploads: list[Upload]) -> list[Added]:
         """Store photos, encoded by the active model; a photo whose sha256 is stored already is not stored again.
 
-        Every photo is checked (format by its bytes, decodable, not a bomb) before any is stored: one bad photo
-        refuses the whole request and names the file.
+        Every photo is checked by its bytes and header (format, pixels) before any is decoded, then decoded and
+        encoded ENCODE_BATCH at a time; nothing is stored until all are encoded: one bad photo refuses the whole
+        request and names the file.
         """
         if not uploads:
             raise Unprocessable("no photos in the request: send one or more files in the multipart field 'files'")
@@ -181,9 +219,13 @@ class Service:
             first.setdefault(h, i)
         stored = {h: rec for h in first if (rec := self.store.find_by_hash(h)) is not None}
         todo = [i for h, i in first.items() if h not in stored]
-        images = [decode_photo(uploads[i].data, _name(uploads[i], i)) for i in todo]
+        pixels = sum(self._check_photo(uploads[i].data, _name(uploads[i], i)) for i in todo)
+        if pixels > self.limits.max_request_pixels:
+            raise TooLarge(f"the new photos of this request hold {pixels:,} pixels, above this server's budget of "
+                           f"{self.limits.max_request_pixels:,} per request (CONCORD_MAX_REQUEST_PIXELS): send fewer "
+                           f"photos per request")
         model_id = self._active
-        vectors = self._encode(model_id, images)
+        vectors = self._encode_uploads(model_id, [(uploads[i].data, _name(uploads[i], i)) for i in todo])
         new = [NewPhoto(hashes[i], vectors[j], model_id, uploads[i].metadata, uploads[i].data)
                for j, i in enumerate(todo)]
         added = dict(zip([hashes[i] for i in todo], self.store.add(new) if new else [], strict=True))
@@ -251,9 +293,9 @@ class Service:
 
     def search_photo(self, data: bytes, query: SearchQuery, filename: str = "photo") -> SearchAnswer:
         """Encode a query photo with the active cloud model and search with it."""
-        image = decode_photo(data, filename)
         model_id = self._active
-        vector = self._encode(model_id, [image])[0]
+        self._check_photo(data, filename)
+        vector = self._encode_uploads(model_id, [(data, filename)])[0]
         return self.search_vector(vector, model_id, query, kind="photo")
 
     def similar(self, photo_id: int, query: SearchQuery) -> SearchAnswer:
@@ -278,7 +320,7 @@ class Service:
     def _query_entry(self, model_id: str) -> ModelEntry:
         if model_id not in self.manifest.models:
             raise Conflict(f"unknown query model {model_id!r}: this server's release "
-                           f"{self.manifest.release or self.release.folder} holds {sorted(self.manifest.models)}; "
+                           f"{self.release_name} holds {sorted(self.manifest.models)}; "
                            f"query with one of them, or give the server a release that has {model_id!r}")
         return self.manifest.model(model_id)
 
@@ -322,7 +364,7 @@ class Service:
                    "models": sorted(e.id for e in manifest.models.values() if e.space == s.id)}
                   for s in manifest.spaces.values()]
         lineage = [{"model": e.id, "parent": p} for e in manifest.models.values() for p in e.parents]
-        return {"release": manifest.release, "active_model": self._active, "spaces": spaces, "models": models,
+        return {"release": self.release_name, "active_model": self._active, "spaces": spaces, "models": models,
                 "lineage": lineage}
 
     def upgrade(self, model_id: str) -> dict[str, Any]:
@@ -369,7 +411,7 @@ class Service:
         whether the FAISS index holds exactly the catalogue's ids (reads every id: for checks, not dashboards)."""
         counts = self.store.counts()
         answer: dict[str, Any] = {"photos": len(self.store), "vectors": counts, "vectors_total": sum(counts.values()),
-                                  "active_model": self._active, "release": self.manifest.release,
+                                  "active_model": self._active, "release": self.release_name,
                                   "encoded_photos": self.encoded_photos}
         if verify:
             catalogue, index = self.store.catalogue_ids(), self.store.index_ids()
@@ -378,18 +420,41 @@ class Service:
 
     # ----- encoding -----------------------------------------------------------------------------------------
 
-    def _encode(self, model_id: str, images: list[Image.Image]) -> np.ndarray:
-        """Run decoded photos through `model_id`'s server encoder, counting and timing it."""
-        if not images:
-            return np.zeros((0, self.manifest.model(model_id).dim), dtype=np.float32)
+    def _check_photo(self, data: bytes, name: str) -> int:
+        """A photo's pixel count by its header, decoding nothing: 415 no image format, 422 unreadable or a bomb."""
+        if not data:
+            raise Unprocessable(f"{name}: the file is empty")
+        if sniff_image(data) is None:
+            raise UnsupportedMedia(f"{name}: not a photo; its bytes are no {ACCEPTED} (judged by content, not by "
+                                   f"the claimed type)")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as err:
+            raise Unprocessable(f"{name}: refused as a decompression bomb ({err})") from None
+        except (OSError, ValueError) as err:
+            raise Unprocessable(f"{name}: the photo is corrupt or truncated ({err})") from None
+        if width * height > self.limits.max_photo_pixels:
+            raise Unprocessable(f"{name}: {width}x{height} is {width * height:,} pixels, above the limit of "
+                                f"{self.limits.max_photo_pixels:,} (decompression-bomb guard)")
+        return width * height
+
+    def _encode_uploads(self, model_id: str, photos: list[tuple[bytes, str]]) -> np.ndarray:
+        """Decode, preprocess and encode photos ENCODE_BATCH at a time, one full-size decode per slot at once."""
         encoder = self.release.encoder(model_id, threads=self.threads)
-        start = time.perf_counter()
-        vectors = encoder.encode_images(images)
-        self.metrics.encode_seconds.labels(model=model_id).observe(time.perf_counter() - start)
-        self.metrics.encoded.labels(model=model_id).inc(len(images))
-        with self._count_lock:
-            self.encoded_photos += len(images)
-        return vectors
+        chunks = [np.zeros((0, encoder.dim), dtype=np.float32)]
+        for first in range(0, len(photos), ENCODE_BATCH):
+            start = time.perf_counter()
+            inputs = []
+            for data, name in photos[first:first + ENCODE_BATCH]:
+                with self._decode_slots:  # the decoded pixels live only inside this block
+                    inputs.append(preprocess(decode_photo(data, name), encoder.preprocess))
+            chunks.append(encoder.encode_arrays(np.stack(inputs)))
+            self.metrics.encode_seconds.labels(model=model_id).observe(time.perf_counter() - start)
+            self.metrics.encoded.labels(model=model_id).inc(len(inputs))
+            with self._count_lock:
+                self.encoded_photos += len(inputs)
+        return np.concatenate(chunks)
 
 
 def check_store_fits(settings: Settings) -> None:

@@ -47,6 +47,10 @@ class Settings:
     """Largest request body accepted; a larger one gets 413 before it is read."""
     max_files: int = 256
     """Most photos in one upload."""
+    max_request_pixels: int = 512_000_000
+    """Pixels (by their headers) of all new photos of one upload: bounds its CPU time; more gets 413."""
+    max_metadata_bytes: int = 4096
+    """JSON size of one photo's metadata; more gets 413 (one object given for all files counts once per file)."""
     keep_bytes: bool = True
     """Keep each photo's bytes (content-addressed): without them no later backfill is possible."""
     index: str = "flat"
@@ -61,7 +65,8 @@ class Settings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_request_bytes", "max_files", "faiss_threads"):
+        for name in ("port", "max_request_bytes", "max_files", "max_request_pixels", "max_metadata_bytes",
+                     "faiss_threads"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be a positive integer, got {getattr(self, name)}")
         if self.threads is not None and self.threads <= 0:
