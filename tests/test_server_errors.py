@@ -88,7 +88,45 @@ CASES: dict[str, tuple[Callable[[TestClient], httpx.Response], int, str]] = {
                                                   headers=WRITE), 404, "unknown model 'cloud-v9'"),
     "upgrade failing the gate": (lambda c: c.post("/v1/models/upgrade", json={"model_id": "cloud-x"},
                                                   headers=WRITE), 409, "needs a backfill"),
+    "photo id beyond int64": (lambda c: c.get(f"/v1/photos/{2**63}"), 422, "less than or equal to 9223372036854775807"),
+    "image id beyond int64": (lambda c: c.get(f"/v1/photos/{2**64}/image"), 422, "photo_id"),
+    "delete id beyond int64": (lambda c: c.delete(f"/v1/photos/{2**63}", headers=WRITE), 422, "photo_id"),
+    "similar id beyond int64": (lambda c: c.get(f"/v1/photos/{2**63}/similar"), 422, "photo_id"),
+    "negative photo id": (lambda c: c.get("/v1/photos/-1"), 404, "Not Found"),
+    "lookup is a POST": (lambda c: c.get("/v1/photos/lookup"), 405, "Method Not Allowed"),
+    "metadata NaN": (upload(("a.jpg", JPEG), metadata='{"a": NaN}'), 422, "NaN and Infinity are refused"),
+    "metadata 1e400": (upload(("a.jpg", JPEG), metadata='{"a": 1e400}'), 422, "beyond the range of a float"),
+    "metadata int beyond int64": (upload(("a.jpg", JPEG), metadata=f'{{"a": {2**63}}}'), 422, "64-bit integer"),
+    "metadata nested deeply": (upload(("a.jpg", JPEG), metadata='{"a": ' + "[" * 50_000 + "]" * 50_000 + "}"),
+                               422, "nested too deeply"),
+    "metadata nested 9 deep": (upload(("a.jpg", JPEG), metadata='{"a": ' + "[" * 8 + "]" * 8 + "}"), 422,
+                               "more than 8 deep"),
+    "metadata too large": (upload(("a.jpg", JPEG), metadata=json.dumps({"a": "x" * 5000})), 413,
+                           "CONCORD_MAX_METADATA_BYTES"),
+    "request over the pixel budget": (upload(*[(f"p{i}.png", bomb_png(6000 + i, 6000)) for i in range(15)]), 413,
+                                      "CONCORD_MAX_REQUEST_PIXELS"),
+    "filter value beyond int64": (embedding(GOOD, filter={"a": 2**63}), 422, "64-bit range"),
+    "filter value infinite": (embedding(GOOD, filter={"a": math.inf}), 422, "finite number"),
+    "filter nested deeply": (lambda c: c.post("/v1/search/embedding", content='{"model_id": "edge-v2", "filter": '
+                                              + "[" * 50_000 + "]" * 50_000 + "}",
+                                              headers={"Content-Type": "application/json"}), 400, "too deeply"),
+    "similar filter beyond int64": (lambda c: c.get("/v1/photos/1/similar", params={"filter": f'{{"a": {2**63}}}'}),
+                                    422, "64-bit integer"),
+    "photo filter nested deeply": (lambda c: c.post("/v1/search/photo", files={"file": ("q.jpg", JPEG, "image/jpeg")},
+                                                    data={"filter": '{"a": ' + "[" * 5000 + "]" * 5000 + "}"}),
+                                   422, "nested too deeply"),
+    "k above the cap": (embedding(GOOD, k=101), 422, "less than or equal to 100"),
 }
+
+
+def test_every_validation_error_is_one_line_with_its_fields(client: TestClient) -> None:
+    """A 422 for an invalid field answers the documented ErrorOut: a one-line `detail` and the `errors` list."""
+    answer = client.post("/v1/search/embedding", json={"vector": "x", "model_id": "edge-v2", "k": 0}).json()
+    assert isinstance(answer["detail"], str) and "body.k" in answer["detail"]
+    assert {tuple(e["loc"]) for e in answer["errors"]} == {("body", "vector"), ("body", "k")}
+    documented = client.get("/openapi.json").json()["paths"]["/v1/search/embedding"]["post"]["responses"]
+    assert {"400", "401", "403", "409", "413", "422", "503"} <= set(documented)
+    assert documented["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
 
 
 def snapshot(client: TestClient) -> dict[str, Any]:

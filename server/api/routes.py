@@ -1,11 +1,12 @@
 """The HTTP API, versioned under /v1: thin routes that check input and call the `Service` off the event loop.
 
-Status codes: 401 no API key, 403 a wrong one; 404 an unknown photo (and an unknown model to upgrade to);
-409 a query model this gallery cannot be searched with (unknown to the release, another space, or not joined
-by lineage) and an upgrade the compatibility gate refuses; 413 a request too large; 415 a file that is no
-image by its bytes; 422 a photo that cannot be decoded (truncated, decompression bomb), an embedding of
-the wrong dim, not finite or not unit norm, an unknown `match`, and `match=duplicate` in a space without
-a photo fingerprint.
+Status codes (every error body is `ErrorOut`, documented per route): 400 an unparseable body; 401 no API key,
+403 a wrong one; 404 an unknown photo (and an unknown model to upgrade to); 409 a query model this gallery cannot
+be searched with (unknown to the release, another space, or not joined by lineage) and an upgrade the
+compatibility gate refuses; 413 a request too large (bytes, pixels, metadata per photo); 415 a file that is no
+image by its bytes; 422 a photo that cannot be decoded (truncated, decompression bomb), an embedding of the wrong
+dim, not finite or not unit norm, refused JSON (NaN, beyond int64, too deep), an unknown `match`, and
+`match=duplicate` in a space without a photo fingerprint.
 
 Every search takes `match`: `similar` (default; what the photo shows) or `duplicate` (the same photo, cropped,
 resized or re-saved: the query's pixel fingerprint counts as much as its semantic part; see `models.match`).
@@ -16,12 +17,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from models.match import Match
 from server.api.deps import ServiceDep, SettingsDep, parse_filter, parse_metadata, read, write
 from server.api.schemas import (
+    INT64,
     MATCH_HELP,
     AddResponse,
     EmbeddingQuery,
@@ -32,6 +34,7 @@ from server.api.schemas import (
     PhotoOut,
     SearchResponse,
     UpgradeRequest,
+    errors,
     photo_out,
     search_query,
     search_response,
@@ -40,11 +43,12 @@ from server.api.schemas import (
 from server.service import MAX_K, MAX_OFFSET, SearchQuery, Unprocessable, Upload
 
 router = APIRouter(prefix="/v1")
+PhotoPath = Annotated[int, Path(ge=0, le=INT64 - 1, description="A photo id (a non-negative 64-bit integer).")]
 
 
 # ----- photos -----------------------------------------------------------------------------------------------
 
-@router.post("/photos", dependencies=write, response_model=AddResponse, tags=["photos"])
+@router.post("/photos", dependencies=write, response_model=AddResponse, tags=["photos"], responses=errors(415))
 async def add_photos(
     service: ServiceDep, settings: SettingsDep,
     files: Annotated[list[UploadFile], File(description="One or more photos (JPEG, PNG, WebP, GIF, BMP, TIFF).")],
@@ -55,7 +59,7 @@ async def add_photos(
     if len(files) > settings.max_files:
         raise Unprocessable(f"{len(files)} files in one request; the limit is {settings.max_files} "
                             f"(CONCORD_MAX_FILES): send them in batches")
-    metas = parse_metadata(metadata, len(files))
+    metas = parse_metadata(metadata, len(files), settings.max_metadata_bytes)
     uploads = [Upload(f.filename or "", await f.read(), meta) for f, meta in zip(files, metas, strict=True)]
     results = await run_in_threadpool(service.add_photos, uploads)
     photos = [PhotoAdded(id=r.id, model_id=r.model_id, duplicate=r.duplicate, filename=u.filename,
@@ -64,7 +68,7 @@ async def add_photos(
     return AddResponse(photos=photos, added=len(photos) - duplicates, duplicates=duplicates)
 
 
-@router.get("/photos", dependencies=read, response_model=PhotoList, tags=["photos"])
+@router.get("/photos", dependencies=read, response_model=PhotoList, tags=["photos"], responses=errors())
 async def find_photos(service: ServiceDep,
                       hash: Annotated[str, Query(min_length=64, max_length=64, pattern="^[0-9a-fA-F]{64}$",
                                                  description="sha256 of the photo file.")]) -> PhotoList:
@@ -74,37 +78,41 @@ async def find_photos(service: ServiceDep,
     return PhotoList(photos=[photo_out(r) for r in records])
 
 
-@router.post("/photos/lookup", dependencies=read, response_model=LookupResponse, tags=["photos"])
+@router.post("/photos/lookup", dependencies=read, response_model=LookupResponse, tags=["photos"],
+             responses=errors())
 async def lookup_photos(service: ServiceDep, body: LookupRequest) -> LookupResponse:
     """Which of these sha256 hashes are stored already (what `concord index` skips)."""
     found = await run_in_threadpool(service.lookup, body.hashes)
     return LookupResponse(found=found, missing=[h for h in body.hashes if h not in found])
 
 
-@router.get("/photos/{photo_id}", dependencies=read, response_model=PhotoOut, tags=["photos"])
-async def getphoto_out(service: ServiceDep, photo_id: int) -> PhotoOut:
+@router.get("/photos/{photo_id:int}", dependencies=read, response_model=PhotoOut, tags=["photos"],
+            responses=errors(404))
+async def getphoto_out(service: ServiceDep, photo_id: PhotoPath) -> PhotoOut:
     """One photo's record: hash, metadata, the model of its vector, when it was added."""
     return photo_out(await run_in_threadpool(service.record, photo_id))
 
 
-@router.get("/photos/{photo_id}/image", dependencies=read, tags=["photos"],
-            responses={200: {"content": {"image/*": {}}, "description": "The photo's bytes."}})
-async def get_image(service: ServiceDep, photo_id: int) -> Response:
+@router.get("/photos/{photo_id:int}/image", dependencies=read, tags=["photos"],
+            responses={200: {"content": {"image/*": {}}, "description": "The photo's bytes."}, **errors(404)})
+async def get_image(service: ServiceDep, photo_id: PhotoPath) -> Response:
     """The stored photo, with the media type its bytes show."""
     data, media_type = await run_in_threadpool(service.image, photo_id)
     return Response(content=data, media_type=media_type, headers={"Cache-Control": "private, max-age=86400"})
 
 
-@router.delete("/photos/{photo_id}", dependencies=write, status_code=204, tags=["photos"])
-async def deletephoto_out(service: ServiceDep, photo_id: int) -> Response:
+@router.delete("/photos/{photo_id:int}", dependencies=write, status_code=204, tags=["photos"],
+               responses=errors(404))
+async def deletephoto_out(service: ServiceDep, photo_id: PhotoPath) -> Response:
     """Delete a photo: its record and its vector."""
     await run_in_threadpool(service.delete, photo_id)
     return Response(status_code=204)
 
 
-@router.get("/photos/{photo_id}/similar", dependencies=read, response_model=SearchResponse, tags=["search"])
+@router.get("/photos/{photo_id:int}/similar", dependencies=read, response_model=SearchResponse, tags=["search"],
+            responses=errors(404, 409))
 async def similar_photos(
-    service: ServiceDep, photo_id: int,
+    service: ServiceDep, photo_id: PhotoPath,
     k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     filter: Annotated[str | None, Query(description='JSON object of metadata equality filters, e.g. '
@@ -121,7 +129,8 @@ async def similar_photos(
 
 # ----- search -----------------------------------------------------------------------------------------------
 
-@router.post("/search/embedding", dependencies=read, response_model=SearchResponse, tags=["search"])
+@router.post("/search/embedding", dependencies=read, response_model=SearchResponse, tags=["search"],
+             responses=errors(409))
 async def search_embedding(service: ServiceDep, body: EmbeddingQuery) -> SearchResponse:
     """Search with an embedding made elsewhere (a phone's edge model): only gallery vectors of models
     comparable with `model_id` (same space, joined by lineage) are searched."""
@@ -130,7 +139,8 @@ async def search_embedding(service: ServiceDep, body: EmbeddingQuery) -> SearchR
     return search_response(answer, query)
 
 
-@router.post("/search/photo", dependencies=read, response_model=SearchResponse, tags=["search"])
+@router.post("/search/photo", dependencies=read, response_model=SearchResponse, tags=["search"],
+             responses=errors(409, 415))
 async def searchphoto_out(
     service: ServiceDep,
     file: Annotated[UploadFile, File(description="The query photo; the server encodes it with the active model.")],
@@ -150,14 +160,14 @@ async def searchphoto_out(
 
 # ----- models and stats -------------------------------------------------------------------------------------
 
-@router.get("/models", dependencies=read, tags=["models"])
+@router.get("/models", dependencies=read, tags=["models"], responses=errors())
 async def list_models(service: ServiceDep) -> dict[str, Any]:
     """The release: spaces, models, lineage, who may search whom, and the cloud model active for indexing."""
     return await run_in_threadpool(service.models)
 
 
 @router.post("/models/upgrade", dependencies=write, tags=["models"],
-             responses={409: {"description": "The model fails the compatibility gate (verdict included)."}})
+             responses=errors(404, 409))
 async def upgrade_model(service: ServiceDep, body: UpgradeRequest) -> dict[str, Any]:
     """Make a newer cloud model index new photos once it passes the compatibility gate. Nothing is re-encoded:
     stored vectors stay and stay searchable. A model that fails the gate gets 409: it could only start a new
@@ -165,7 +175,7 @@ async def upgrade_model(service: ServiceDep, body: UpgradeRequest) -> dict[str, 
     return await run_in_threadpool(service.upgrade, body.model_id)
 
 
-@router.get("/stats", dependencies=read, tags=["models"])
+@router.get("/stats", dependencies=read, tags=["models"], responses=errors())
 async def stats(service: ServiceDep, verify: Annotated[bool, Query(
         description="Also check that the FAISS index holds exactly the catalogue's photo ids (reads them all).")]
         = False) -> dict[str, Any]:

@@ -2,15 +2,84 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from models.match import Match
 from server.service import MAX_K, MAX_OFFSET, SearchAnswer, SearchQuery
 
-Scalar = str | int | float | bool | None
+INT64 = 2**63
+MAX_JSON_DEPTH = 8
+"""Deepest nesting of objects and arrays accepted in `metadata` and `filter` JSON."""
+MAX_FILTER_KEYS = 32
+Int64 = Annotated[int, Field(strict=True, ge=-INT64, le=INT64 - 1)]
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+def _plain_value(value: Any) -> Any:
+    """Refuse, in one clear message, the numbers no stored metadata can hold: beyond int64, NaN, infinite."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        raise ValueError("an integer beyond the 64-bit range (+-2^63) matches no stored metadata")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("a filter value must be a finite number, not NaN or infinite")
+    return value
+
+
+Scalar = Annotated[StrictBool | Int64 | FiniteFloat | Annotated[str, Field(max_length=1024)] | None,
+                   BeforeValidator(_plain_value)]
+"""A metadata value a filter can compare with: a bool, an int64, a finite float, a string or null."""
+Filter = Annotated[dict[Annotated[str, Field(max_length=256)], Scalar], Field(max_length=MAX_FILTER_KEYS)]
+
+
+class ErrorItem(BaseModel):
+    """One invalid field of a request."""
+
+    loc: list[str | int] = Field(description="Where the field is, e.g. ['body', 'k'].")
+    msg: str
+    type: str
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: what was wrong in one line; 422s for invalid fields list them in `errors`, 409s of
+    the gate carry its verdict."""
+
+    model_config = ConfigDict(extra="allow")
+    detail: str = Field(description="What was wrong, and what to do about it.")
+    errors: list[ErrorItem] | None = Field(None, description="Invalid fields (422 for a missing or invalid field).")
+
+
+ERROR_TEXT = {
+    400: "The body is not what the content type says (unparseable JSON or form).",
+    401: "No API key (writes, or reads with CONCORD_AUTH_READS=true).",
+    403: "A wrong API key.",
+    404: "No photo with this id (or no model of this id to upgrade to).",
+    409: "The query model cannot search this gallery (not in the release, another space, not joined by lineage), "
+         "or the compatibility gate refuses the upgrade.",
+    413: "The body is over CONCORD_MAX_REQUEST_BYTES, the photos over CONCORD_MAX_REQUEST_PIXELS or one photo's "
+         "metadata over CONCORD_MAX_METADATA_BYTES.",
+    415: "A file that is no photo by its bytes.",
+    422: "A missing or invalid field, a photo that cannot be decoded (truncated, decompression bomb), a bad "
+         "embedding, or JSON the server refuses (NaN, numbers beyond int64 or float, nested too deeply).",
+    503: "The server is starting or stopping.",
+}
+COMMON_ERRORS = (400, 401, 403, 413, 422, 503)
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the common error codes and `codes`, each answering ErrorOut."""
+    return {code: {"model": ErrorOut, "description": ERROR_TEXT[code]}
+            for code in sorted({*COMMON_ERRORS, *codes})}
+
+
+def validation_message(items: Any) -> str:
+    """One line from pydantic's error list: 'body.k: Input should be ...; ...'."""
+    parts = [f"{'.'.join(str(part) for part in item.get('loc', ()))}: {item.get('msg', '')}".lstrip(": ")
+             for item in list(items)[:5]]
+    more = len(list(items)) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 class PhotoAdded(BaseModel):
     """What happened to one uploaded photo."""
 
@@ -67,7 +136,7 @@ class Filters(BaseModel):
 
     k: int = Field(10, ge=1, le=MAX_K)
     offset: int = Field(0, ge=0, le=MAX_OFFSET)
-    filter: dict[str, Scalar] | None = Field(None, description="Metadata equality: every key must equal its value.")
+    filter: Filter | None = Field(None, description="Metadata equality: every key must equal its value.")
     added_after: datetime | None = Field(None, description="Only photos added after this time (ISO 8601 or unix).")
     added_before: datetime | None = None
     match: Match = Field("similar", description=MATCH_HELP)
@@ -76,8 +145,8 @@ class Filters(BaseModel):
 class EmbeddingQuery(Filters):
     """An embedding made on a device (or anywhere) by `model_id`."""
 
-    vector: list[float] = Field(description="The L2-normalised embedding.")
-    model_id: str = Field(description="The model that made the vector, e.g. edge-v2.")
+    vector: list[float] = Field(max_length=8192, description="The L2-normalised embedding.")
+    model_id: str = Field(max_length=256, description="The model that made the vector, e.g. edge-v2.")
 
 
 class LookupRequest(BaseModel):

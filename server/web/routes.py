@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from models.manifest import ModelEntry
 from models.release import ReleaseError
 from server.api.deps import get_service, require_read_key
-from server.api.schemas import PhotoOut, photo_out
+from server.api.schemas import ErrorOut, PhotoOut, errors, photo_out
 from server.service import NotFound, Service, ServiceError
 from server.web.assets import find_ort, media_type, ort_file, static_file
 
@@ -109,7 +109,8 @@ async def static_asset(name: str) -> Response:
 
 # ----- model files ------------------------------------------------------------------------------------------
 
-@router.get("/v1/models/{model_id}/files", dependencies=read, response_model=ModelFiles, tags=["models"])
+@router.get("/v1/models/{model_id}/files", dependencies=read, response_model=ModelFiles, tags=["models"],
+            responses=errors(404))
 async def model_files(service: ServiceDep, model_id: str) -> ModelFiles:
     """A model's ONNX files (by variant: `server` is the dynamic-batch fp32 file, `device-*` the batch-1 device
     files), with sha256, size and download URL, and the I/O names, preprocessing and dim to run one."""
@@ -131,7 +132,10 @@ def _model_files(service: Service, model_id: str) -> ModelFiles:
 
 @router.get("/v1/models/{model_id}/files/{variant}", dependencies=read, tags=["models"],
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The ONNX file."},
-                       304: {"description": "The client holds these bytes already (If-None-Match)."}})
+                       304: {"description": "The client holds these bytes already (If-None-Match)."},
+                       **errors(404),
+                       500: {"model": ErrorOut, "description": "The release file is missing or differs from its "
+                                                                "manifest's sha256; it is not served."}})
 async def model_file(service: ServiceDep, request: Request, model_id: str, variant: str) -> Response:
     """The bytes of one ONNX file of the release, read-only, checked against the manifest's sha256 before they
     are sent (a changed or damaged file gets 500, never its bytes). The ETag is the sha256."""
@@ -161,7 +165,8 @@ def _verified_bytes(service: Service, model_id: str, variant: str, sha256: str) 
     try:
         data = service.release.path(model_id, variant).read_bytes()
     except (OSError, ReleaseError) as err:
-        raise BrokenFile(f"model {model_id!r} {variant} file cannot be read ({err})") from None
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "missing from the release"
+        raise BrokenFile(f"model {model_id!r} {variant} file cannot be read ({reason})") from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != sha256:
         raise BrokenFile(f"model {model_id!r} {variant} file: sha256 {actual} differs from the manifest's {sha256}; "
@@ -171,7 +176,7 @@ def _verified_bytes(service: Service, model_id: str, variant: str, sha256: str) 
 
 # ----- the library ------------------------------------------------------------------------------------------
 
-@router.get("/v1/library", dependencies=read, response_model=LibraryPage, tags=["photos"])
+@router.get("/v1/library", dependencies=read, response_model=LibraryPage, tags=["photos"], responses=errors())
 async def library(service: ServiceDep, offset: Annotated[int, Query(ge=0)] = 0,
                   limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 48) -> LibraryPage:
     """Browse the library: a page of photo records, newest first."""
