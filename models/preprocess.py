@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def load_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Imag
                 raise ImageError(f"{name}: {width}x{height} is {width * height:,} pixels, above the limit "
                                  f"of {max_pixels:,} (decompression-bomb guard)")
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # a copy would double a large photo's memory
         except ImageError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -104,23 +105,46 @@ def load_image(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Imag
     return to_rgb(image, name)
 
 
+STRIP_ROWS = 512
+"""Rows converted at a time by `to_rgb`: a large photo's conversion holds the source, the RGB result and one strip."""
+
+
 def to_rgb(image: Image.Image, name: str = "photo") -> Image.Image:
-    """Convert any common mode to RGB; transparent areas become white."""
+    """Convert any common mode to RGB; transparent areas become white (strip by strip: per-pixel, same result)."""
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return _by_strips(image, _on_white)
     if image.mode in ("L", "P", "CMYK", "YCbCr", "1", "LAB", "HSV"):
         return image.convert("RGB")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        top = float(array.max()) or 1.0
-        return Image.fromarray((array / top * 255.0).astype(np.uint8)).convert("RGB")
+        top = float(image.getextrema()[1]) or 1.0  # type: ignore[arg-type]
+        return _by_strips(image, lambda strip: _scaled(strip, top))
     raise ImageError(f"{name}: unsupported image mode {image.mode!r}")
+
+
+def _on_white(strip: Image.Image) -> Image.Image:
+    rgba = strip.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _scaled(strip: Image.Image, top: float) -> Image.Image:
+    array = np.asarray(strip, dtype=np.float64)
+    return Image.fromarray((array / top * 255.0).astype(np.uint8)).convert("RGB")
+
+
+def _by_strips(image: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """`convert` (a per-pixel conversion to RGB) applied to STRIP_ROWS rows at a time, pasted into one RGB image."""
+    width, height = image.size
+    if height <= STRIP_ROWS:
+        return convert(image)
+    out = Image.new("RGB", image.size)
+    for top in range(0, height, STRIP_ROWS):
+        out.paste(convert(image.crop((0, top, width, min(height, top + STRIP_ROWS)))), (0, top))
+    return out
 
 
 def preprocess(image: Image.Image, spec: Preprocess) -> np.ndarray:

@@ -149,3 +149,20 @@ def test_bad_input_is_refused_naming_the_problem(tmp_path: Path, sample_photos: 
         load_image(tmp_path)
     with pytest.raises(ImageError, match=r"photo: 451x300 is 135,300 pixels, above the limit of 100,000"):
         load_image(jpeg, max_pixels=100_000)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "I;16", "F"])
+def test_conversion_by_strips_gives_the_same_pixels_as_whole(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large photos convert to RGB a strip at a time (bounded memory); the pixels are those of a whole conversion."""
+    import models.preprocess as module
+
+    rng = np.random.default_rng(7)
+    arrays = {"RGBA": rng.integers(0, 256, (70, 30, 4), dtype=np.uint8),
+              "LA": rng.integers(0, 256, (70, 30, 2), dtype=np.uint8),
+              "I;16": rng.integers(0, 60_000, (70, 30), dtype=np.uint16),
+              "F": rng.random((70, 30), dtype=np.float32)}
+    image = Image.fromarray(arrays[mode]) if mode in ("I;16", "F") else Image.fromarray(arrays[mode], mode=mode)
+    assert image.mode == mode
+    whole = np.asarray(module.to_rgb(image))
+    monkeypatch.setattr(module, "STRIP_ROWS", 16)
+    assert np.array_equal(np.asarray(module.to_rgb(image)), whole)
