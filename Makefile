@@ -2,11 +2,15 @@
 PY := .venv/bin/python
 APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.venv/ready: pyproject.toml
+.venv/ready: pyproject.toml  ## serving only: no training stack (torch is behind the training extra)
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e .
 	touch .venv/ready
+
+.venv/dev-ready: .venv/ready  ## everything: training, tests, linters
+	$(PY) -m pip install -q -e ".[dev]"
+	touch .venv/dev-ready
 
 node_modules/.ready: package.json package-lock.json
 	npm ci --no-audit --no-fund --ignore-scripts
@@ -25,7 +29,7 @@ serve: .venv/ready  ## start the search server with the shipped release and the 
 		"will search by sending the photo to the server (run 'npm ci' to encode in the browser)" >&2
 	.venv/bin/concord serve
 
-test: .venv/ready web-assets chromium  ## lint, type-check and run the test suite (browser tests included)
+test: .venv/dev-ready web-assets chromium  ## lint, type-check and run the test suite (browser tests included)
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	.venv/bin/pytest -q

@@ -12,7 +12,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from models.cli import fail
+from models.cli import DEFAULT_SERVER, SERVER_HELP, fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -138,7 +138,7 @@ def encode(
 @app.command()
 def query(
     photo: Annotated[Path, typer.Argument(help="The query photo (it stays on this device).")],
-    server: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000.")],
+    server: Annotated[str, typer.Option(envvar="CONCORD_SERVER", help=SERVER_HELP)] = DEFAULT_SERVER,
     k: Annotated[int, typer.Option(help="Number of hits.")] = 10,
     api_key: Annotated[str | None, typer.Option(envvar="CONCORD_API_KEY", help="API key (X-API-Key).")] = None,
     release: ReleaseOpt = None,
@@ -172,7 +172,7 @@ def query(
 def index(
     folder: Annotated[Path, typer.Argument(help="Folder of photos (jpg, jpeg, png, webp, bmp, gif, tif), walked "
                                            "recursively.")],
-    server: Annotated[str, typer.Option(help="Server URL, e.g. http://127.0.0.1:8000")] = "http://127.0.0.1:8000",
+    server: Annotated[str, typer.Option(envvar="CONCORD_SERVER", help=SERVER_HELP)] = DEFAULT_SERVER,
     api_key: Annotated[str | None, typer.Option(help="API key [env CONCORD_API_KEY]", envvar="CONCORD_API_KEY")]
     = None,
     batch: Annotated[int, typer.Option(help="Photos per upload request.")] = 16,
@@ -247,15 +247,15 @@ def device_bench(
 
 @app.command()
 def neardup(
-    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
-                                                 "release]")] = None,
-    data: Annotated[Path | None, typer.Option(help="Caltech-101 folder [env CONCORD_DATA; default "
-                                              "../shared/datasets/caltech101]")] = None,
+    release: Annotated[Path | None, typer.Option(help="Release folder (env CONCORD_RELEASE; default: the shipped "
+                                                 "release)")] = None,
+    data: Annotated[Path | None, typer.Option(help="Caltech-101 folder (env CONCORD_DATA; default "
+                                              "../shared/datasets/caltech101)")] = None,
     out: Annotated[Path, typer.Option(help="Report folder")] = Path("reports/neardup"),
     cache: Annotated[Path, typer.Option(help="Gallery embeddings cache")] = Path("cache/neardup"),
     queries: Annotated[int, typer.Option(help="Near-duplicate queries (a fixed-seed sample of the gallery)")] = 500,
     seed: Annotated[int, typer.Option(help="Seed of the sample and the transformations")] = 0,
-    gallery_model: Annotated[str | None, typer.Option(help="Cloud model of the gallery [default: the oldest]")]
+    gallery_model: Annotated[str | None, typer.Option(help="Cloud model of the gallery (default: the oldest)")]
     = None,
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads")] = None,
 ) -> None:

@@ -31,6 +31,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "neardup": ("edge.cli", "Near-duplicate search: edge queries must find the original in the cloud gallery."),
 }
 
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+"""The server every client command (`query`, `index`) talks to unless given `--server` or CONCORD_SERVER: the
+address `concord serve` listens on by default (a test holds the two together)."""
+SERVER_HELP = f"Server URL (env CONCORD_SERVER; default {DEFAULT_SERVER})."
+
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print `concord: message` on stderr and exit with `code` (SystemExit: Typer passes it through)."""

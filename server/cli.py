@@ -5,6 +5,8 @@ Heavy imports (FastAPI, onnxruntime, FAISS) happen inside the commands; nothing 
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,31 +18,46 @@ from models.cli import fail
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
+def _env(name: str, text: str, default: object = None) -> str:
+    """Help text that names the option's variable and default in parentheses (rich would eat brackets)."""
+    from server.settings import PREFIX, Settings
+
+    shown = default if default is not None else getattr(Settings(), name)
+    tail = "" if shown is None else f"; default {shown}"
+    return f"{text} (env {PREFIX}{name.upper()}{tail})"
+
+
+SHIPPED = "the release shipped in the package"
+
+
 @app.command()
 def serve(
-    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the release "
-                                                 "shipped in the package]")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Store folder [env CONCORD_DATA_DIR; default ./concord-data]")]
-    = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind [env CONCORD_HOST; default 127.0.0.1]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [env CONCORD_PORT; default 8000]")] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key for writes [env CONCORD_API_KEY]; prefer the env "
-                                                "variable, a command line is visible to other users")] = None,
-    auth_reads: Annotated[bool | None, typer.Option("--auth-reads/--open-reads", help="Require the key for reads "
-                                                    "too [env CONCORD_AUTH_READS]")] = None,
-    model: Annotated[str | None, typer.Option(help="Cloud model that indexes a NEW store [env CONCORD_MODEL; "
-                                              "default: the newest cloud model]")] = None,
-    max_request_bytes: Annotated[int | None, typer.Option(help="Largest request body [env "
-                                                          "CONCORD_MAX_REQUEST_BYTES]")] = None,
-    keep_bytes: Annotated[bool | None, typer.Option("--keep-bytes/--no-keep-bytes", help="Keep photo bytes for "
-                                                    "later backfills [env CONCORD_KEEP_BYTES]")] = None,
-    threads: Annotated[int | None, typer.Option(help="onnxruntime threads per encoder [env CONCORD_THREADS]")]
-    = None,
-    faiss_threads: Annotated[int | None, typer.Option(help="FAISS threads per search [env CONCORD_FAISS_THREADS; "
-                                                      "default 1: parallel requests use the other cores]")] = None,
-    index_kind: Annotated[str | None, typer.Option("--index", help="FAISS index: flat, hnsw or ivf, with params "
-                                                   "as in 'hnsw:M=16,ef_search=128' [env CONCORD_INDEX]")] = None,
-    log_level: Annotated[str | None, typer.Option(help="uvicorn log level [env CONCORD_LOG_LEVEL]")] = None,
+    release: Annotated[Path | None, typer.Option(help=_env("release", "Release folder", SHIPPED))] = None,
+    data_dir: Annotated[Path | None, typer.Option(help=_env("data_dir", "Store folder"))] = None,
+    host: Annotated[str | None, typer.Option(help=_env("host", "Address to bind"))] = None,
+    port: Annotated[int | None, typer.Option(help=_env("port", "Port"))] = None,
+    api_key: Annotated[str | None, typer.Option(help=_env("api_key", "API key for writes; prefer the variable, a "
+                                                          "command line is visible to other users", "none: writes "
+                                                          "open"))] = None,
+    auth_reads: Annotated[bool | None, typer.Option("--auth-reads/--open-reads", help=_env(
+        "auth_reads", "Require the key for reads too", "open reads"))] = None,
+    model: Annotated[str | None, typer.Option(help=_env("model", "Cloud model that indexes a NEW store",
+                                                        "the newest cloud model"))] = None,
+    max_request_bytes: Annotated[int | None, typer.Option(help=_env("max_request_bytes", "Largest request body, "
+                                                                    "bytes"))] = None,
+    max_request_pixels: Annotated[int | None, typer.Option(help=_env("max_request_pixels", "Pixels of the new "
+                                                                     "photos of one upload"))] = None,
+    max_metadata_bytes: Annotated[int | None, typer.Option(help=_env("max_metadata_bytes", "JSON bytes of one "
+                                                                     "photo's metadata"))] = None,
+    keep_bytes: Annotated[bool | None, typer.Option("--keep-bytes/--no-keep-bytes", help=_env(
+        "keep_bytes", "Keep photo bytes for later backfills", "keep"))] = None,
+    threads: Annotated[int | None, typer.Option(help=_env("threads", "onnxruntime threads per encoder",
+                                                          "one per core"))] = None,
+    faiss_threads: Annotated[int | None, typer.Option(help=_env("faiss_threads", "FAISS threads per search "
+                                                                "(parallel requests use the other cores)"))] = None,
+    index_kind: Annotated[str | None, typer.Option("--index", help=_env(
+        "index", "FAISS index: flat, hnsw or ivf, with params as in 'hnsw:M=16,ef_search=128'"))] = None,
+    log_level: Annotated[str | None, typer.Option(help=_env("log_level", "uvicorn log level"))] = None,
 ) -> None:
     """Start the photo-search server (FastAPI + uvicorn) with a release and the embedded gallery store."""
     import logging
@@ -52,13 +69,14 @@ def serve(
     from server.app import create_app
     from server.service import check_store_fits
     from server.settings import Settings, SettingsError
+    from server.store import store_held
 
     try:
         settings = Settings.from_env(release=release, data_dir=data_dir, host=host, port=port, api_key=api_key,
                                      auth_reads=auth_reads, model=model, max_request_bytes=max_request_bytes,
+                                     max_request_pixels=max_request_pixels, max_metadata_bytes=max_metadata_bytes,
                                      keep_bytes=keep_bytes, threads=threads, faiss_threads=faiss_threads,
-                                     index=index_kind,
-                                     log_level=log_level)
+                                     index=index_kind, log_level=log_level)
     except SettingsError as err:
         fail(str(err))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -67,22 +85,41 @@ def serve(
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"concord: warning: serving on {settings.host} with no API key: anyone who reaches it can write",
               file=sys.stderr)
+    if store_held(Path(settings.data_dir) / "gallery"):
+        fail(f"the store in {settings.data_dir} is held by another process (another concord serve?): stop it, or "
+             f"give this server its own --data-dir / CONCORD_DATA_DIR")
     try:
         check_store_fits(settings)
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                    timeout_graceful_shutdown=10)
+        sock = _listen(settings.host, settings.port)
+        config = uvicorn.Config(create_app(settings), log_level=settings.log_level, timeout_graceful_shutdown=10)
+        uvicorn.Server(config).run(sockets=[sock])
     except (ManifestError, ReleaseError, ValueError) as err:
         fail(str(err))
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for uvicorn, or a one-line error (a busy port names --port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # the TCP proto: asyncio sets TCP_NODELAY
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            fail(f"port {port} on {host} is in use (another server?): pass --port or set CONCORD_PORT")
+        fail(f"cannot listen on {host}:{port} ({err.strerror}): pass --host / --port")
+    return sock
+
+
 @app.command()
 def demo(
-    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
-                                                 "release]")] = None,
+    release: Annotated[Path | None, typer.Option(help="Release folder (env CONCORD_RELEASE; default: the shipped "
+                                                 "release)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="An empty folder for the demo's store, kept afterwards "
-                                                  "[default: a temporary folder, removed at the end]")] = None,
-    photos: Annotated[Path | None, typer.Option(help="A folder of your own photos [default: scikit-image's bundled "
-                                                "photos]")] = None,
+                                                  "(default: a temporary folder, removed at the end)")] = None,
+    photos: Annotated[Path | None, typer.Option(help="A folder of your own photos (default: scikit-image's bundled "
+                                                "photos)")] = None,
     threads: Annotated[int | None, typer.Option(help="onnxruntime threads per encoder")] = None,
 ) -> None:
     """Index photos, search from the edge model, upgrade the cloud model with no re-indexing, search again."""
@@ -93,10 +130,10 @@ def demo(
 
 @app.command("verify-release")
 def verify_release(
-    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
-                                                 "release]")] = None,
-    data: Annotated[Path | None, typer.Option(help="Caltech-101 folder [env CONCORD_DATA; default "
-                                              "../shared/datasets/caltech101]")] = None,
+    release: Annotated[Path | None, typer.Option(help="Release folder (env CONCORD_RELEASE; default: the shipped "
+                                                 "release)")] = None,
+    data: Annotated[Path | None, typer.Option(help="Caltech-101 folder (env CONCORD_DATA; default "
+                                              "../shared/datasets/caltech101)")] = None,
     work: Annotated[Path, typer.Option(help="Stores and query embeddings, kept so a rerun resumes")]
     = Path("cache/verify-release"),
     out: Annotated[Path, typer.Option(help="Report folder")] = Path("reports/release"),

@@ -821,3 +821,15 @@ def _lock_folder(folder: Path) -> int:
         raise RuntimeError(f"the gallery store in {folder} is already open (in this or another process); "
                            f"one store per folder") from None
     return fd
+
+
+def store_held(folder: Path) -> bool:
+    """Whether another process holds the store in `folder` now (its lock is taken); a probe, not a lock."""
+    if not (folder / ".lock").exists():
+        return False
+    try:
+        fd = _lock_folder(folder)
+    except RuntimeError:
+        return True
+    os.close(fd)
+    return False
