@@ -43,6 +43,8 @@ class OrtSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0: onnxruntime picks one thread per core
         options.inter_op_num_threads = 1
+        # no busy-waiting between ops: concurrent requests each running a session would spin against each other
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
         try:

@@ -150,7 +150,7 @@ def verify_release(
 
 @app.command()
 def bench(
-    part: Annotated[str, typer.Argument(help="all, search, encode or upgrade")] = "all",
+    part: Annotated[str, typer.Argument(help="all, search, encode, upgrade, or load (not in all)")] = "all",
     quick: Annotated[bool, typer.Option(help="Small sizes: proves the command in seconds (reports go to "
                                         "reports/bench/quick); the figures are not for quoting.")] = False,
     release: Annotated[Path | None, typer.Option(help="Release folder (env CONCORD_RELEASE; default: the shipped "
@@ -168,7 +168,16 @@ def bench(
     api: Annotated[bool, typer.Option("--api/--no-api", help="Also time the HTTP API on real servers.")] = True,
     keep_work: Annotated[bool, typer.Option(help="Keep the scratch stores and server logs.")] = False,
 ) -> None:
-    """Benchmark search, encoding and upgrade cost; write reports/bench (JSON, summary.md, PNG plots)."""
+    """Benchmark search, encoding and upgrade cost; write reports/bench (JSON, summary.md, PNG plots). `load`
+    (not part of all): req/s, p50 and p99 at 1, 8 and 32 clients, all cores beside one core, and crash recovery."""
+    if part == "load":
+        from server.bench.load import main as load
+
+        try:
+            load(quick, release=release, out=out, keep_work=keep_work)
+        except (ValueError, OSError, RuntimeError) as err:
+            fail(str(err))
+        return
     from server.bench.suite import main
 
     try:

@@ -164,7 +164,7 @@ class Service:
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         store = GalleryStore(data_dir / "gallery", dim=entry.dim, index=IndexSpec(settings.index),
-                             keep_bytes=settings.keep_bytes)
+                             keep_bytes=settings.keep_bytes, snapshot_every=settings.snapshot_every)
         try:
             active = store.get_setting(ACTIVE_MODEL_KEY)
             if active is None:

@@ -51,6 +51,9 @@ class Settings:
     """Pixels (by their headers) of all new photos of one upload: bounds its CPU time; more gets 413."""
     max_metadata_bytes: int = 4096
     """JSON size of one photo's metadata; more gets 413 (one object given for all files counts once per file)."""
+    snapshot_every: int = 1000
+    """Changes after which the FAISS index snapshot is rewritten in the background (0: only at shutdown): a crash
+    after long uptime replays at most about this many changes at the next start."""
     keep_bytes: bool = True
     """Keep each photo's bytes (content-addressed): without them no later backfill is possible."""
     index: str = "flat"
@@ -69,6 +72,9 @@ class Settings:
                      "faiss_threads"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be a positive integer, got {getattr(self, name)}")
+        if self.snapshot_every < 0:
+            raise SettingsError(f"{PREFIX}SNAPSHOT_EVERY: must be 0 (only at shutdown) or positive, got "
+                                f"{self.snapshot_every}")
         if self.threads is not None and self.threads <= 0:
             raise SettingsError(f"{PREFIX}THREADS: must be a positive integer, got {self.threads}")
         if self.api_key is not None and not self.api_key.strip():

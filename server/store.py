@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +58,9 @@ SCAN_AFTER = 4096
 """A filtered search ranks at most max(this, 16 x (k+offset)) FAISS results before it scans the matching rows."""
 COMPACT_SHARE = 0.25
 IO_THREADS = 8
+SNAPSHOT_EVERY = 1000
+"""Changes after which an add writes a fresh FAISS snapshot in the background (0: only at shutdown), so a crash
+after long uptime replays at most about this many changes at the next start."""
 """Threads that write and fsync photo files of one add concurrently."""
 """An HNSW index whose tombstones pass this share of its entries is rebuilt at open."""
 _HASH = re.compile(r"[0-9a-f]{64}")
@@ -173,7 +176,7 @@ class GalleryStore:
     """Photos, their vectors (one per photo, with the model that made it) and settings, durable and searchable."""
 
     def __init__(self, folder: Path, dim: int, index: IndexSpec = FLAT, keep_bytes: bool = True,
-                 *, clock: Callable[[], float] = time.time) -> None:
+                 *, clock: Callable[[], float] = time.time, snapshot_every: int = SNAPSHOT_EVERY) -> None:
         """Open (or create) the store in `folder` for `dim`-dim vectors and recover from any crash.
 
         `clock` gives the `added_at` timestamps (unix seconds); tests pass their own.
@@ -185,6 +188,8 @@ class GalleryStore:
         self.spec = index if isinstance(index, IndexSpec) else IndexSpec(str(index))
         self.keep_bytes = keep_bytes
         self.scan_after = SCAN_AFTER
+        self.snapshot_every = snapshot_every
+        self._snapshotting: Future[None] | None = None
         self._clock = clock
         self._db_path = self.folder / "catalog.sqlite"
         self._snapshot_path = self.folder / "index.faiss"
@@ -472,6 +477,25 @@ class GalleryStore:
         for p, photo_id in zip(fresh, ids, strict=True):
             known[p.content_hash] = AddResult(photo_id, p.model_id, False)
             self._counts[p.model_id] += 1
+        self._maybe_snapshot()
+
+    def _maybe_snapshot(self) -> None:
+        """Start a background snapshot once `snapshot_every` changes are not in the last one (one at a time)."""
+        due = self.snapshot_every > 0 and self._index_seq - max(self._saved_seq, 0) >= self.snapshot_every
+        if due and (self._snapshotting is None or self._snapshotting.done()):
+            self._snapshotting = self._io.submit(self._background_save)
+
+    def _background_save(self) -> None:
+        try:
+            self._save(blocking=False)
+        except Exception:  # the next one will try again; the catalogue has every change meanwhile
+            if not self._closed:
+                log.exception("store %s: the periodic index snapshot failed", self.folder)
+
+    def wait_for_snapshot(self) -> None:
+        """Wait until a background snapshot in progress is written (benchmarks and tests)."""
+        if self._snapshotting is not None:
+            self._snapshotting.result()
 
     def _prepare(self, position: int, photo: NewPhoto) -> _Prepared:
         """Check one photo completely (no I/O): hash, vector, model id, metadata, bytes matching the hash."""
@@ -689,12 +713,19 @@ class GalleryStore:
 
     def save_index(self) -> None:
         """Write the FAISS snapshot atomically, with the catalogue sequence it holds (searches go on meanwhile)."""
-        with self._save_mutex:
+        self._save(blocking=True)
+
+    def _save(self, blocking: bool) -> None:
+        if not self._save_mutex.acquire(blocking=blocking):
+            return  # a save or the close is under way already
+        try:
             with self._lock.read():
                 self._check_open()
                 snapshot, seq = self._index.snapshot(self._index_seq, self._store_id), self._index_seq
             snapshot.write(self._snapshot_path)
             self._saved_seq = seq
+        finally:
+            self._save_mutex.release()
 
     def _write_snapshot(self) -> None:
         """Write the snapshot now (the caller holds the write lock or is opening the store)."""

@@ -1,4 +1,7 @@
-"""Dependencies of the routes: settings, the service, the API-key checks, and the JSON form fields parsed."""
+"""Dependencies of the routes: settings, the service, the API-key checks, and the JSON form fields parsed.
+
+The dependencies are `async def` (they never block): a plain `def` would cost a thread-pool hop each per request.
+"""
 
 from __future__ import annotations
 
@@ -25,13 +28,13 @@ class NotReady(ServiceError):
     status = 503
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The app's settings."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     """The open service, or 503 while the server starts or stops."""
     service: Service | None = getattr(request.app.state, "service", None)
     if service is None:
@@ -43,16 +46,16 @@ def _key(header: str | None, credentials: HTTPAuthorizationCredentials | None) -
     return header or (credentials.credentials if credentials else None)
 
 
-def require_write_key(settings: Annotated[Settings, Depends(get_settings)],
-                      header: Annotated[str | None, Depends(api_key_header)],
-                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def require_write_key(settings: Annotated[Settings, Depends(get_settings)],
+                            header: Annotated[str | None, Depends(api_key_header)],
+                            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     """Writes need the API key whenever one is configured."""
     check_key(settings.api_key, _key(header, credentials))
 
 
-def require_read_key(settings: Annotated[Settings, Depends(get_settings)],
-                     header: Annotated[str | None, Depends(api_key_header)],
-                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+async def require_read_key(settings: Annotated[Settings, Depends(get_settings)],
+                           header: Annotated[str | None, Depends(api_key_header)],
+                           credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     """Reads need the API key only with CONCORD_AUTH_READS=true."""
     if settings.auth_reads:
         check_key(settings.api_key, _key(header, credentials))

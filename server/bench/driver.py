@@ -36,9 +36,11 @@ class Server:
     """`concord serve --release R --data-dir D` on a free loopback port, started and stopped by the benchmark."""
 
     def __init__(self, release: Path, data_dir: Path, log: Path, model: str | None = None,
-                 threads: int | None = None, start_timeout: float = 600.0) -> None:
+                 threads: int | None = None, start_timeout: float = 600.0, wrapper: list[str] | None = None) -> None:
         self.release, self.data_dir, self.log = Path(release), Path(data_dir), Path(log)
         self.model, self.threads, self.start_timeout = model, threads, start_timeout
+        self.wrapper = list(wrapper or [])
+        """A command the server runs under, e.g. ['taskset', '-c', '0'] to pin it to one core."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -47,7 +49,7 @@ class Server:
         self.start_s = 0.0
 
     def __enter__(self) -> Server:
-        args = [sys.executable, "-c", SERVE, "serve", "--release", str(self.release), "--data-dir",
+        args = [*self.wrapper, sys.executable, "-c", SERVE, "serve", "--release", str(self.release), "--data-dir",
                 str(self.data_dir), "--port", str(self.port), "--log-level", "warning"]
         if self.model:
             args += ["--model", self.model]
