@@ -173,7 +173,7 @@ def index(
     folder: Annotated[Path, typer.Argument(help="Folder of photos (jpg, jpeg, png, webp, bmp, gif, tif), walked "
                                            "recursively.")],
     server: Annotated[str, typer.Option(envvar="CONCORD_SERVER", help=SERVER_HELP)] = DEFAULT_SERVER,
-    api_key: Annotated[str | None, typer.Option(help="API key [env CONCORD_API_KEY]", envvar="CONCORD_API_KEY")]
+    api_key: Annotated[str | None, typer.Option(help="API key (env CONCORD_API_KEY)", envvar="CONCORD_API_KEY")]
     = None,
     batch: Annotated[int, typer.Option(help="Photos per upload request.")] = 16,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,

@@ -189,8 +189,8 @@ def bench(
 
 @app.command("web-bench")
 def web_bench(
-    release: Annotated[Path | None, typer.Option(help="Release folder [env CONCORD_RELEASE; default: the shipped "
-                                                 "release]")] = None,
+    release: Annotated[Path | None, typer.Option(help="Release folder (env CONCORD_RELEASE; default: the shipped "
+                                                 "release)")] = None,
     photos: Annotated[Path | None, typer.Option(help="A folder of photos (default: scikit-image's bundled photos, "
                                                 "several sizes, a greyscale one and a PNG)")] = None,
     rounds: Annotated[int, typer.Option(help="Timed encodes per photo, in the browser and in Python")] = 20,
