@@ -1,6 +1,6 @@
 """Peak memory of a real server process stays bounded under the uploads that once exhausted it: 24 single-colour
-PNGs just under the 40 MP guard in one request (4.2 GB RSS before photos were decoded in bounded batches), and a
-request of 256 files; the server keeps answering after them."""
+PNGs just under the 40 MP guard in one request (4.2 GB RSS before photos were decoded in bounded batches), 256 such
+photos in one request (refused by their headers before any decode) and 256 small ones; the server keeps answering."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.server_helpers import WRITE, ServerProcess, make_photo
+from tests.server_helpers import WRITE, ServerProcess, bomb_png, make_photo
 
 SIDE = 6324
 """6324 x 6324 = 39,992,976 pixels: just under the 40 MP decompression-bomb guard."""
@@ -57,6 +57,9 @@ def test_huge_and_many_photo_uploads_keep_the_server_small_and_answering(tiny_re
             answer = http.post("/v1/photos", files=pngs, data={"metadata": '{"album": "flat"}'})
             assert answer.status_code == 200, answer.text
             assert answer.json()["added"] == 24
+            claims = [("files", (f"big{i}.png", bomb_png(SIDE, SIDE - i), "image/png")) for i in range(256)]
+            refused = http.post("/v1/photos", files=claims)  # 256 photos near the guard: 10 GP by their headers
+            assert refused.status_code == 413 and "CONCORD_MAX_REQUEST_PIXELS" in refused.text, refused.text
             many = [("files", (f"m{i}.jpg", make_photo(1000 + i), "image/jpeg")) for i in range(256)]
             answer = http.post("/v1/photos", files=many)
             assert answer.status_code == 200, answer.text
