@@ -28,7 +28,7 @@ from models.release import Release
 from server.metrics import Metrics
 from server.security import ACCEPTED, sniff_image
 from server.settings import ACTIVE_MODEL_KEY, Settings
-from server.store import GalleryStore, Hit, IndexSpec, NewPhoto, PhotoRecord, recorded_dim
+from server.store import Gallery, GalleryStore, Hit, IndexSpec, NewPhoto, PhotoRecord, recorded_dim
 from server.store import check_vector as store_check_vector
 from server.vector_index import set_search_threads
 
@@ -136,7 +136,7 @@ class SearchAnswer:
 class Service:
     """One release and one gallery store, with the active cloud model that indexes new photos."""
 
-    def __init__(self, release: Release, store: GalleryStore, active_model: str, metrics: Metrics | None = None,
+    def __init__(self, release: Release, store: Gallery, active_model: str, metrics: Metrics | None = None,
                  threads: int | None = None, limits: Limits | None = None) -> None:
         self.release = release
         self.limits = limits or Limits()
