@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("edge.cli", "Encode a photo on this device and search a Concord server with its embedding."),
     "device-bench": ("edge.cli", "Time batch-1 encoding of edge (fp32, int8) against the cloud encoder."),
     "serve": ("server.cli", "Start the photo search server with a release and a gallery store."),
+    "migrate": ("server.cli", "Move an embedded gallery store into Milvus as it is (no re-encoding), verified."),
     "index": ("edge.cli", "Send a folder of photos to a server in batches, resumable."),
     "demo": ("server.cli", "Index bundled photos, search from the edge, upgrade without re-indexing."),
     "bench": ("server.cli", "Benchmark search, encoding and upgrade cost; write reports/bench."),

@@ -1,4 +1,4 @@
-"""`concord serve | demo | verify-release | bench`: the server's commands and its benchmarks'.
+"""`concord serve | migrate | demo | verify-release | bench`: the server's commands and its benchmarks'.
 
 Heavy imports (FastAPI, onnxruntime, FAISS) happen inside the commands; nothing here imports torch.
 """
@@ -57,9 +57,12 @@ def serve(
                                                                 "(parallel requests use the other cores)"))] = None,
     index_kind: Annotated[str | None, typer.Option("--index", help=_env(
         "index", "FAISS index: flat, hnsw or ivf, with params as in 'hnsw:M=16,ef_search=128'"))] = None,
+    gallery: Annotated[str | None, typer.Option(help=_env("gallery", "Gallery backend: embedded, "
+                                                          "milvus://host:19530[/collection] or "
+                                                          "milvus-lite:./gallery.db", "embedded"))] = None,
     log_level: Annotated[str | None, typer.Option(help=_env("log_level", "uvicorn log level"))] = None,
 ) -> None:
-    """Start the photo-search server (FastAPI + uvicorn) with a release and the embedded gallery store."""
+    """Start the photo-search server (FastAPI + uvicorn) with a release and a gallery (embedded or Milvus)."""
     import logging
 
     import uvicorn
@@ -70,13 +73,14 @@ def serve(
     from server.service import check_store_fits
     from server.settings import Settings, SettingsError
     from server.store import store_held
+    from server.store.milvus import MilvusUnavailable
 
     try:
         settings = Settings.from_env(release=release, data_dir=data_dir, host=host, port=port, api_key=api_key,
                                      auth_reads=auth_reads, model=model, max_request_bytes=max_request_bytes,
                                      max_request_pixels=max_request_pixels, max_metadata_bytes=max_metadata_bytes,
                                      keep_bytes=keep_bytes, threads=threads, faiss_threads=faiss_threads,
-                                     index=index_kind, log_level=log_level)
+                                     index=index_kind, gallery=gallery, log_level=log_level)
     except SettingsError as err:
         fail(str(err))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -93,7 +97,7 @@ def serve(
         sock = _listen(settings.host, settings.port)
         config = uvicorn.Config(create_app(settings), log_level=settings.log_level, timeout_graceful_shutdown=10)
         uvicorn.Server(config).run(sockets=[sock])
-    except (ManifestError, ReleaseError, ValueError) as err:
+    except (ManifestError, ReleaseError, ValueError, MilvusUnavailable) as err:
         fail(str(err))
 
 
@@ -110,6 +114,31 @@ def _listen(host: str, port: int) -> socket.socket:
             fail(f"port {port} on {host} is in use (another server?): pass --port or set CONCORD_PORT")
         fail(f"cannot listen on {host}:{port} ({err.strerror}): pass --host / --port")
     return sock
+
+
+@app.command()
+def migrate(
+    gallery: Annotated[str, typer.Option(help="The Milvus gallery to fill: milvus://host:19530[/collection] or "
+                                         "milvus-lite:./gallery.db")],
+    data_dir: Annotated[Path, typer.Option(help="The embedded store's data folder (its gallery/ is read, never "
+                                           "changed); Milvus mode keeps photo bytes in its photos/")]
+    = Path("concord-data"),
+    to_data_dir: Annotated[Path | None, typer.Option(help="Data folder of the Milvus-mode servers (photo bytes go "
+                                                     "to its photos/; default: --data-dir)")] = None,
+    index_kind: Annotated[str, typer.Option("--index", help="Milvus index of a new collection: flat, "
+                                            "hnsw:M=16,ef_search=128 or ivf")] = "flat",
+) -> None:
+    """Move an embedded store into Milvus as it is: the same ids, vectors, models, metadata, timestamps, settings
+    and photo bytes; nothing is re-encoded, and every row is read back and compared before it reports."""
+    from server.store.migrate import migrate as run_migration
+
+    try:
+        report = run_migration(data_dir, gallery, to_data_dir or data_dir, index_kind)
+    except (ValueError, RuntimeError, OSError) as err:
+        fail(str(err))
+    print(report.summary())
+    if report.lost:
+        raise typer.Exit(1)
 
 
 @app.command()

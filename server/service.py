@@ -28,8 +28,9 @@ from models.release import Release
 from server.metrics import Metrics
 from server.security import ACCEPTED, sniff_image
 from server.settings import ACTIVE_MODEL_KEY, Settings
-from server.store import Gallery, GalleryStore, Hit, IndexSpec, NewPhoto, PhotoRecord, recorded_dim
+from server.store import Gallery, Hit, IndexSpec, NewPhoto, PhotoRecord
 from server.store import check_vector as store_check_vector
+from server.store.backends import GalleryLocation, gallery_dim, open_gallery
 from server.vector_index import set_search_threads
 
 log = logging.getLogger("concord.server")
@@ -163,8 +164,8 @@ class Service:
         entry = _cloud_entry(manifest, wanted, "CONCORD_MODEL")
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        store = GalleryStore(data_dir / "gallery", dim=entry.dim, index=IndexSpec(settings.index),
-                             keep_bytes=settings.keep_bytes, snapshot_every=settings.snapshot_every)
+        store = open_gallery(GalleryLocation.parse(settings.gallery), data_dir, entry.dim, IndexSpec(settings.index),
+                             settings.keep_bytes, settings.milvus_token or "", snapshot_every=settings.snapshot_every)
         try:
             active = store.get_setting(ACTIVE_MODEL_KEY)
             if active is None:
@@ -461,11 +462,17 @@ def check_store_fits(settings: Settings) -> None:
     """Refuse, before anything loads, a store folder made for vectors of another dim than the release's."""
     manifest = Manifest.load(settings.release)
     entry = _cloud_entry(manifest, settings.model or newest_cloud(manifest), "CONCORD_MODEL")
-    stored = recorded_dim(Path(settings.data_dir) / "gallery")
+    stored = gallery_dim(GalleryLocation.parse(settings.gallery), Path(settings.data_dir), settings.milvus_token or "")
     if stored is not None and stored != entry.dim:
-        raise ValueError(f"the store in {settings.data_dir} holds {stored}-dim vectors, but release "
+        raise ValueError(f"the {gallery_name(settings)} holds {stored}-dim vectors, but release "
                          f"{settings.release} embeds into {entry.dim} dims (space {entry.space!r}): serve that store "
                          f"with the release that made it, or give this release its own --data-dir / CONCORD_DATA_DIR")
+
+
+def gallery_name(settings: Settings) -> str:
+    """The gallery as a message names it: the data folder for the embedded store, else the Milvus location."""
+    location = GalleryLocation.parse(settings.gallery)
+    return f"store in {settings.data_dir}" if location.kind == "embedded" else f"Milvus gallery {location}"
 
 
 def newest_cloud(manifest: Manifest) -> str:

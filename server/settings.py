@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from models.release import SHIPPED_RELEASE
+from server.store.backends import GalleryLocation
 
 PREFIX = "CONCORD_"
 ACTIVE_MODEL_KEY = "active_cloud_model"
@@ -57,7 +58,13 @@ class Settings:
     keep_bytes: bool = True
     """Keep each photo's bytes (content-addressed): without them no later backfill is possible."""
     index: str = "flat"
-    """FAISS index kind of the store (see `server.store.IndexSpec`)."""
+    """Index kind of the gallery (see `server.store.IndexSpec`): FAISS's for the embedded store; for Milvus the
+    same names map to FLAT, HNSW (M, ef_construction, ef_search) and IVF_FLAT (nlist, nprobe)."""
+    gallery: str = "embedded"
+    """Gallery backend: embedded (SQLite + FAISS in the data folder), milvus://host:19530[/collection] or
+    milvus-lite:./gallery.db[/collection] (see `server.store.backends`)."""
+    milvus_token: str | None = None
+    """Token for a Milvus that requires one ("user:password" or an API key)."""
     threads: int | None = None
     """onnxruntime intra-op threads per encoder (None: one per core)."""
     faiss_threads: int = 1
@@ -77,6 +84,10 @@ class Settings:
                                 f"{self.snapshot_every}")
         if self.threads is not None and self.threads <= 0:
             raise SettingsError(f"{PREFIX}THREADS: must be a positive integer, got {self.threads}")
+        try:
+            GalleryLocation.parse(self.gallery)
+        except ValueError as err:
+            raise SettingsError(f"{PREFIX}GALLERY: {err}") from None
         if self.api_key is not None and not self.api_key.strip():
             raise SettingsError(f"{PREFIX}API_KEY: must not be blank (unset it to leave writes open)")
 

@@ -30,9 +30,20 @@ API_KEY = "test-key-123"
 WRITE = {"X-API-Key": API_KEY}
 
 
-def tiny_settings(release: Path, folder: Path, **changes: Any) -> Settings:
-    """Settings of a test server: the given release, its store under `folder`, cloud-v1 indexing, an API key."""
-    return Settings(release=release, data_dir=folder / "data", model="cloud-v1", api_key=API_KEY).replace(**changes)
+GALLERIES = ["embedded", "milvus-lite"]
+"""The gallery backends every API test runs on (the Milvus standalone server has its own tests)."""
+
+
+def gallery_setting(kind: str, folder: Path) -> str:
+    """The `gallery` setting of a test server of this backend, its Milvus Lite file under `folder`."""
+    return f"milvus-lite:{folder / 'milvus' / 'gallery.db'}" if kind == "milvus-lite" else kind
+
+
+def tiny_settings(release: Path, folder: Path, gallery: str = "embedded", **changes: Any) -> Settings:
+    """Settings of a test server: the given release, its store under `folder` (of backend `gallery`), cloud-v1
+    indexing, an API key."""
+    return Settings(release=release, data_dir=folder / "data", model="cloud-v1", api_key=API_KEY,
+                    gallery=gallery_setting(gallery, folder)).replace(**changes)
 
 
 @contextmanager

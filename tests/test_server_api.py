@@ -12,13 +12,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.settings import Settings
-from tests.server_helpers import API_KEY, WRITE, in_process, make_photo, tiny_settings
+from tests.server_helpers import API_KEY, GALLERIES, WRITE, in_process, make_photo, tiny_settings
 from tests.server_helpers import add_photos as add
 
 
-@pytest.fixture
-def settings(tiny_release: Path, tmp_path: Path) -> Settings:
-    return tiny_settings(tiny_release, tmp_path)
+@pytest.fixture(params=GALLERIES)
+def settings(tiny_release: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """The test server's settings, once per gallery backend."""
+    return tiny_settings(tiny_release, tmp_path, request.param)
 
 
 @pytest.fixture

@@ -18,18 +18,27 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.server_helpers import WRITE, bomb_png, in_process, make_photo, release_with_misfits, tiny_settings, unit
+from tests.server_helpers import (
+    GALLERIES,
+    WRITE,
+    bomb_png,
+    in_process,
+    make_photo,
+    release_with_misfits,
+    tiny_settings,
+    unit,
+)
 
 LIMIT = 400_000
 
 
-@pytest.fixture(scope="module")
-def client(tiny_release: Path, tmp_path_factory: pytest.TempPathFactory,
-           sample_photos: dict[str, bytes]) -> Iterator[TestClient]:
-    """A server whose gallery holds three photos; its release adds models that may not search it."""
+@pytest.fixture(scope="module", params=GALLERIES)
+def client(tiny_release: Path, tmp_path_factory: pytest.TempPathFactory, sample_photos: dict[str, bytes],
+           request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """A server whose gallery holds three photos; its release adds models that may not search it (per backend)."""
     tmp = tmp_path_factory.mktemp("errors")
     release = release_with_misfits(tiny_release, tmp / "release")
-    with in_process(tiny_settings(release, tmp, max_request_bytes=LIMIT)) as test_client:
+    with in_process(tiny_settings(release, tmp, request.param, max_request_bytes=LIMIT)) as test_client:
         files = [("files", (n, sample_photos[n], "image/jpeg")) for n in ("chelsea", "coffee", "rocket")]
         assert test_client.post("/v1/photos", files=files, headers=WRITE).status_code == 200
         yield test_client

@@ -12,12 +12,13 @@ from fastapi.testclient import TestClient
 
 from models.release import Release
 from server.service import Service
-from tests.server_helpers import WRITE, add_photos, in_process, release_with_misfits, tiny_settings
+from tests.server_helpers import GALLERIES, WRITE, add_photos, in_process, release_with_misfits, tiny_settings
 
 
-@pytest.fixture
-def client(tiny_release: Path, tmp_path: Path) -> Iterator[TestClient]:
-    with in_process(tiny_settings(tiny_release, tmp_path)) as test_client:
+@pytest.fixture(params=GALLERIES)
+def client(tiny_release: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """A test server, once per gallery backend."""
+    with in_process(tiny_settings(tiny_release, tmp_path, request.param)) as test_client:
         yield test_client
 
 
@@ -83,9 +84,10 @@ def test_upgrade_reencodes_nothing_and_edge_queries_find_both_generations(
     assert hits[0]["id"] == ids[new_names[0]]
 
 
-def test_upgrade_is_durable_and_idempotent(tiny_release: Path, tmp_path: Path,
-                                           sample_photos: dict[str, bytes]) -> None:
-    settings = tiny_settings(tiny_release, tmp_path)
+@pytest.mark.parametrize("gallery", GALLERIES)
+def test_upgrade_is_durable_and_idempotent(tiny_release: Path, tmp_path: Path, sample_photos: dict[str, bytes],
+                                           gallery: str) -> None:
+    settings = tiny_settings(tiny_release, tmp_path, gallery)
     with in_process(settings) as client:
         add(client, {"a.jpg": sample_photos["astronaut"]})
         assert upgrade(client, "cloud-v2").status_code == 200
@@ -98,10 +100,11 @@ def test_upgrade_is_durable_and_idempotent(tiny_release: Path, tmp_path: Path,
         assert downgrade.status_code == 409 and "not lower" in downgrade.json()["detail"]
 
 
+@pytest.mark.parametrize("gallery", GALLERIES)
 def test_a_model_failing_the_gate_gets_409_and_changes_nothing(tiny_release: Path, tmp_path: Path,
-                                                               sample_photos: dict[str, bytes]) -> None:
+                                                               sample_photos: dict[str, bytes], gallery: str) -> None:
     release = release_with_misfits(tiny_release, tmp_path / "release")
-    with in_process(tiny_settings(release, tmp_path)) as client:
+    with in_process(tiny_settings(release, tmp_path, gallery)) as client:
         add(client, {"a.jpg": sample_photos["astronaut"]})
         before = client.get("/v1/stats").json()
         answer = upgrade(client, "cloud-x")
