@@ -165,7 +165,8 @@ class Service:
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         store = open_gallery(GalleryLocation.parse(settings.gallery), data_dir, entry.dim, IndexSpec(settings.index),
-                             settings.keep_bytes, settings.milvus_token or "", snapshot_every=settings.snapshot_every)
+                             settings.keep_bytes, settings.milvus_token or "", settings.milvus_timeout,
+                             snapshot_every=settings.snapshot_every)
         try:
             active = store.get_setting(ACTIVE_MODEL_KEY)
             if active is None:
@@ -462,7 +463,8 @@ def check_store_fits(settings: Settings) -> None:
     """Refuse, before anything loads, a store folder made for vectors of another dim than the release's."""
     manifest = Manifest.load(settings.release)
     entry = _cloud_entry(manifest, settings.model or newest_cloud(manifest), "CONCORD_MODEL")
-    stored = gallery_dim(GalleryLocation.parse(settings.gallery), Path(settings.data_dir), settings.milvus_token or "")
+    stored = gallery_dim(GalleryLocation.parse(settings.gallery), Path(settings.data_dir), settings.milvus_token or "",
+                         settings.milvus_timeout)
     if stored is not None and stored != entry.dim:
         raise ValueError(f"the {gallery_name(settings)} holds {stored}-dim vectors, but release "
                          f"{settings.release} embeds into {entry.dim} dims (space {entry.space!r}): serve that store "

@@ -65,6 +65,8 @@ class Settings:
     milvus-lite:./gallery.db[/collection] (see `server.store.backends`)."""
     milvus_token: str | None = None
     """Token for a Milvus that requires one ("user:password" or an API key)."""
+    milvus_timeout: int = 60
+    """Seconds to keep trying to reach Milvus at start (a Milvus restarting after a crash can take a minute)."""
     threads: int | None = None
     """onnxruntime intra-op threads per encoder (None: one per core)."""
     faiss_threads: int = 1
@@ -76,7 +78,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("port", "max_request_bytes", "max_files", "max_request_pixels", "max_metadata_bytes",
-                     "faiss_threads"):
+                     "faiss_threads", "milvus_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be a positive integer, got {getattr(self, name)}")
         if self.snapshot_every < 0:

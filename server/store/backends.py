@@ -69,7 +69,7 @@ def _collection(name: str, text: str) -> str:
 
 
 def open_gallery(location: GalleryLocation, data_dir: Path, dim: int, index: IndexSpec, keep_bytes: bool,
-                 token: str = "", *, snapshot_every: int = SNAPSHOT_EVERY) -> Gallery:
+                 token: str = "", timeout: float = 60.0, *, snapshot_every: int = SNAPSHOT_EVERY) -> Gallery:
     """Open the gallery at `location` for `dim`-dim vectors (photo bytes under `data_dir` for Milvus)."""
     if location.kind == "embedded":
         return GalleryStore(Path(data_dir) / "gallery", dim=dim, index=index, keep_bytes=keep_bytes,
@@ -79,10 +79,10 @@ def open_gallery(location: GalleryLocation, data_dir: Path, dim: int, index: Ind
     if location.kind == "milvus-lite":
         Path(location.uri).parent.mkdir(parents=True, exist_ok=True)
     return MilvusGallery(location.uri, location.collection, dim, Path(data_dir) / "photos", index,
-                         keep_bytes, token=token)
+                         keep_bytes, token=token, connect_timeout=timeout)
 
 
-def gallery_dim(location: GalleryLocation, data_dir: Path, token: str = "") -> int | None:
+def gallery_dim(location: GalleryLocation, data_dir: Path, token: str = "", timeout: float = 60.0) -> int | None:
     """The dim the gallery was made for, or None when it holds none yet (read without opening it)."""
     if location.kind == "embedded":
         return recorded_dim(Path(data_dir) / "gallery")
@@ -90,7 +90,7 @@ def gallery_dim(location: GalleryLocation, data_dir: Path, token: str = "") -> i
         return None
     from server.store.milvus import collection_dim, connect
 
-    client = connect(location.uri, token)
+    client = connect(location.uri, token, timeout)
     try:
         return collection_dim(client, location.collection) if client.has_collection(location.collection) else None
     finally:
