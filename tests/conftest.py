@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,3 +134,16 @@ def sample_photos() -> dict[str, bytes]:
         Image.fromarray(array).convert("RGB").save(buffer, format="JPEG", quality=90)
         photos[name] = buffer.getvalue()
     return photos
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Milvus standalone server (PyPI `milvus`), in its own process group, on 127.0.0.1; ended with it."""
+    from server.bench.milvus_server import MilvusServer
+
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-standalone"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
