@@ -179,7 +179,9 @@ def verify_release(
 
 @app.command()
 def bench(
-    part: Annotated[str, typer.Argument(help="all, search, encode, upgrade, or load (not in all)")] = "all",
+    part: Annotated[str, typer.Argument(help="all (search, encode, upgrade), one of them, load, or backends (the "
+                                        "gallery backends side by side: embedded and Milvus); load and backends "
+                                        "are not in all")] = "all",
     quick: Annotated[bool, typer.Option(help="Small sizes: proves the command in seconds (reports go to "
                                         "reports/bench/quick); the figures are not for quoting.")] = False,
     release: Annotated[Path | None, typer.Option(help="Release folder (env CONCORD_RELEASE; default: the shipped "
@@ -196,6 +198,9 @@ def bench(
                                               "1000000; quick: 1000,3000)")] = None,
     api: Annotated[bool, typer.Option("--api/--no-api", help="Also time the HTTP API on real servers.")] = True,
     keep_work: Annotated[bool, typer.Option(help="Keep the scratch stores and server logs.")] = False,
+    backends: Annotated[str | None, typer.Option(help="For 'backends': which, comma-separated, of embedded-flat, "
+                                                 "embedded-hnsw, milvus-hnsw, milvus-lite-flat (default: all)")]
+    = None,
 ) -> None:
     """Benchmark search, encoding and upgrade cost; write reports/bench (JSON, summary.md, PNG plots). `load`
     (not part of all): req/s, p50 and p99 at 1, 8 and 32 clients, all cores beside one core, and crash recovery."""
@@ -210,7 +215,7 @@ def bench(
     from server.bench.suite import main
 
     try:
-        main(part, quick, sizes, api, keep_work, release=release, photos=photos, embeddings=embeddings,
+        main(part, quick, sizes, api, keep_work, backends, release=release, photos=photos, embeddings=embeddings,
              evaluation=evaluation, out=out)
     except (ValueError, OSError, RuntimeError) as err:
         fail(str(err))

@@ -204,3 +204,20 @@ def test_edge_latency_is_skipped_with_a_reason_when_the_release_has_no_device_fi
     measured = edge_latency(int8_only, photo, config)
     assert [m["name"] for m in measured["models"]] == ["edge int8", "cloud fp32"] and "device fp32" in measured["note"]
     assert all(m["latency_ms"]["runs"] == 2 and m["size_bytes"] > 0 for m in measured["models"])
+
+
+def test_backends_compare_through_the_api(tiny_release: Path, tmp_path: Path) -> None:
+    """`concord bench backends` on the embedded store and Milvus Lite (the standalone server has its own tests):
+    every backend is filled through its add path, served, searched through the API; exact ones recall 1."""
+    from server.bench.backends import backends_markdown, run_backends
+    from server.bench.data import seeded_mixture
+
+    mixture = seeded_mixture(32, 4, 0)
+    report = run_backends(tiny_release, (300,), mixture, 6, 10, tmp_path, ("embedded-flat", "milvus-lite-flat"))
+    rows = {row["backend"]: row for row in report["sizes"][0]["backends"]}
+    assert set(rows) == {"embedded-flat", "milvus-lite-flat"}
+    for row in rows.values():
+        assert row["recall@10"] == 1.0 and row["ingest"]["vectors"] == 300 and row["api_rss_bytes"] > 0
+        assert row["api_latency_ms"]["runs"] == 6
+    assert rows["embedded-flat"]["p99_over_embedded_flat"] == 1.0
+    assert "| milvus-lite-flat | Milvus Lite FLAT" in backends_markdown({**report, "command": "test"})

@@ -36,11 +36,13 @@ class Server:
     """`concord serve --release R --data-dir D` on a free loopback port, started and stopped by the benchmark."""
 
     def __init__(self, release: Path, data_dir: Path, log: Path, model: str | None = None,
-                 threads: int | None = None, start_timeout: float = 600.0, wrapper: list[str] | None = None) -> None:
+                 threads: int | None = None, start_timeout: float = 600.0, wrapper: list[str] | None = None,
+                 gallery: str | None = None, index: str | None = None) -> None:
         self.release, self.data_dir, self.log = Path(release), Path(data_dir), Path(log)
         self.model, self.threads, self.start_timeout = model, threads, start_timeout
         self.wrapper = list(wrapper or [])
         """A command the server runs under, e.g. ['taskset', '-c', '0'] to pin it to one core."""
+        self.gallery, self.index = gallery, index
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -55,6 +57,10 @@ class Server:
             args += ["--model", self.model]
         if self.threads:
             args += ["--threads", str(self.threads)]
+        if self.gallery:
+            args += ["--gallery", self.gallery]
+        if self.index:
+            args += ["--index", self.index]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONCORD_")}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -95,3 +101,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    @property
+    def pid(self) -> int:
+        """The server process's id."""
+        assert self.process is not None
+        return self.process.pid

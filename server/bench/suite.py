@@ -34,6 +34,7 @@ from server.bench.search import IndexConfig, usable_cores
 
 DEFAULT_OUT = Path("reports/bench")
 PARTS = ("search", "encode", "upgrade")
+EXTRA_PARTS = ("backends",)  # run only when named: the gallery backends side by side (`bench.backends`)
 DEFAULT_EVALUATION = Path("reports/benchmark/caltech101.json")
 API_TARGET_RATIO = 1.5
 RECALL_TARGET = 0.95
@@ -58,6 +59,7 @@ class Plan:
     components: int = 100
     api_max: int = 1_000_000
     """Largest gallery searched through the HTTP API (the store is filled through its own add path)."""
+    backends: tuple[str, ...] = ("embedded-flat", "embedded-hnsw", "milvus-hnsw")  # milvus-lite-flat: on request
 
     def __post_init__(self) -> None:
         if not self.sizes or min(self.sizes) <= self.k or list(self.sizes) != sorted(self.sizes):
@@ -329,18 +331,21 @@ def _backfill_rate(plan: Plan, sources: Sources, new: str, encode: dict[str, Any
 
 def run(parts: tuple[str, ...], plan: Plan, sources: Sources, keep_work: bool = False) -> dict[str, Any]:
     """Run the parts in order, write each part's JSON, then the summary and plots; returns the reports."""
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if p not in PARTS + EXTRA_PARTS]
     if unknown:
-        raise ValueError(f"unknown benchmark part(s) {unknown}; choose from {', '.join(PARTS)} or all")
+        raise ValueError(f"unknown benchmark part(s) {unknown}; choose from {', '.join(PARTS + EXTRA_PARTS)} or all")
     results: dict[str, Any] = {}
     plan = replace(plan, dim=search_dim(plan, sources))  # the reports record the dim that ran
     sources.work.mkdir(parents=True, exist_ok=True)  # scratch: stores and server logs, removed at the end
     try:
-        for part in PARTS:
+        for part in PARTS + EXTRA_PARTS:
             if part not in parts:
                 continue
             start = time.perf_counter()
-            if part == "search":
+            if part == "backends":
+                from server.bench.backends import run_part
+                results[part] = run_part(plan, sources)
+            elif part == "search":
                 upgrade_to = _cloud_models(sources.release)[1] if "upgrade" in parts else None
                 results[part] = run_search(plan, sources, upgrade_to)
             elif part == "encode":
@@ -374,12 +379,13 @@ def parse_sizes(text: str | None) -> tuple[int, ...] | None:
 
 
 def main(part: str = "all", quick: bool = False, sizes: str | None = None, api: bool = True,
-         keep_work: bool = False, **paths: Path | None) -> dict[str, Any]:
+         keep_work: bool = False, backends: str | None = None, **paths: Path | None) -> dict[str, Any]:
     """What `concord bench PART` runs: check the inputs, run the parts, print where the reports went."""
     parts = PARTS if part == "all" else (part,)
-    if part != "all" and part not in PARTS:
-        raise ValueError(f"unknown benchmark {part!r}: choose all, {', '.join(PARTS)}")
+    if part != "all" and part not in PARTS + EXTRA_PARTS:
+        raise ValueError(f"unknown benchmark {part!r}: choose all, {', '.join(PARTS + EXTRA_PARTS)}")
     plan = plan_for(quick, parse_sizes(sizes))
+    plan = replace(plan, backends=tuple(b.strip() for b in backends.split(","))) if backends else plan
     sources = replace(default_sources(quick, **paths), api=api)
     if not (sources.release / "manifest.json").is_file():
         raise FileNotFoundError(f"no release at {sources.release} (no manifest.json): pass --release or set "

@@ -88,10 +88,11 @@ def gallery_dim(location: GalleryLocation, data_dir: Path, token: str = "", time
         return recorded_dim(Path(data_dir) / "gallery")
     if location.kind == "milvus-lite" and not Path(location.uri).exists():
         return None
-    from server.store.milvus import collection_dim, connect
+    from server.store.milvus import collection_dim, connect, release_lite
 
     client = connect(location.uri, token, timeout)
     try:
         return collection_dim(client, location.collection) if client.has_collection(location.collection) else None
     finally:
         client.close()
+        release_lite(location.uri)

@@ -69,6 +69,10 @@ class Gallery(Protocol):
         """Every id a search can return, sorted (diagnostics)."""
         ...
 
+    def save_index(self) -> None:
+        """Write the backend's index cache durably now (a no-op where the engine keeps its own index)."""
+        ...
+
     def close(self) -> None:
         """Make everything durable and release the backend; closing twice is harmless."""
         ...

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ class MilvusGallery:
         self.keep_bytes = keep_bytes
         self._clock = clock
         self._write_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="concord-milvus")
         self._known_models: set[str] = set()
         self._closed = False
         self._client = connect(uri, token, connect_timeout)
@@ -330,9 +332,18 @@ class MilvusGallery:
         return sorted(str(r["key"])[len(MODEL_PREFIX):] for r in rows)
 
     def counts(self) -> dict[str, int]:
-        """Vectors per model id (models with none left out), counted by Milvus."""
-        counts = {m: self._count(f"model_id == {json.dumps(m)}") for m in self.models()}
-        return {m: n for m, n in counts.items() if n > 0}
+        """Vectors per model id (models with none left out), counted by Milvus: the model registry and the counts
+        of the models this process knows are read at once (one round trip), then any model new to it."""
+        known = sorted(self._known_models)
+        registry = self._pool.submit(self.models)
+        counted = dict(zip(known, self._pool.map(self._model_count, known), strict=True))
+        fresh = [m for m in registry.result() if m not in counted]
+        counted.update(zip(fresh, self._pool.map(self._model_count, fresh), strict=True))
+        self._known_models.update(fresh)
+        return {m: n for m, n in sorted(counted.items()) if n > 0}
+
+    def _model_count(self, model: str) -> int:
+        return self._count(f"model_id == {json.dumps(model)}")
 
     def __len__(self) -> int:
         """Photos stored."""
@@ -412,6 +423,9 @@ class MilvusGallery:
 
     # ----- closing -----------------------------------------------------------------------------------------
 
+    def save_index(self) -> None:
+        """Nothing to do: Milvus keeps and persists its own index."""
+
     def close(self) -> None:
         """Close the connection (every acknowledged write is in Milvus already); closing twice is harmless."""
         if self._closed:
@@ -419,7 +433,9 @@ class MilvusGallery:
         self._closed = True
         try:
             self._client.close()
+            release_lite(self.uri)
         finally:
+            self._pool.shutdown()
             self._blobs.close()
 
     def __enter__(self) -> MilvusGallery:
@@ -456,6 +472,15 @@ def connect(uri: str, token: str = "", timeout: float = 60.0) -> Any:
             log.warning("Milvus at %s is not answering (attempt %d: %s); retrying for %.0f s more", uri, attempt,
                         str(err).strip()[:200], left)
             time.sleep(min(2.0, max(0.1, left)))
+
+
+def release_lite(uri: str) -> None:
+    """Stop this process's Milvus Lite engine of a `.db` file, dropping its file lock (other URIs: nothing)."""
+    if not uri.endswith(".db"):
+        return
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(uri)
 
 
 def collection_dim(client: Any, collection: str) -> int | None:
