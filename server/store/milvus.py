@@ -109,6 +109,7 @@ class MilvusGallery:
             self._blobs = BlobStore(photos)
         except BaseException:
             self._client.close()
+            release_lite(uri)
             raise
         self.orphans_removed = self._blobs.remove_orphans(self._kept_hashes, older_than=ORPHAN_AGE)
 
