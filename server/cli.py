@@ -58,7 +58,7 @@ def serve(
     index_kind: Annotated[str | None, typer.Option("--index", help=_env(
         "index", "FAISS index: flat, hnsw or ivf, with params as in 'hnsw:M=16,ef_search=128'"))] = None,
     gallery: Annotated[str | None, typer.Option(help=_env("gallery", "Gallery backend: embedded, "
-                                                          "milvus://host:19530[/collection] or "
+                                                          "milvus://host:19530/collection or "
                                                           "milvus-lite:./gallery.db", "embedded"))] = None,
     log_level: Annotated[str | None, typer.Option(help=_env("log_level", "uvicorn log level"))] = None,
 ) -> None:
@@ -118,7 +118,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 @app.command()
 def migrate(
-    gallery: Annotated[str, typer.Option(help="The Milvus gallery to fill: milvus://host:19530[/collection] or "
+    gallery: Annotated[str, typer.Option(help="The Milvus gallery to fill: milvus://host:19530/collection or "
                                          "milvus-lite:./gallery.db")],
     data_dir: Annotated[Path, typer.Option(help="The embedded store's data folder (its gallery/ is read, never "
                                            "changed); Milvus mode keeps photo bytes in its photos/")]

@@ -34,7 +34,7 @@ def test_serve_help_shows_every_variable_and_its_default() -> None:
     shown = concord("serve", "--help").stdout
     flat = " ".join(shown.replace("│", " ").split())
     for name in ("release", "data_dir", "host", "port", "api_key", "model", "max_request_bytes", "max_request_pixels",
-                 "max_metadata_bytes", "keep_bytes", "threads", "faiss_threads", "index", "log_level"):
+                 "max_metadata_bytes", "keep_bytes", "threads", "faiss_threads", "index", "gallery", "log_level"):
         assert f"(env CONCORD_{name.upper()}; default " in flat, name
     assert "default 127.0.0.1" in flat and "default 8000" in flat and "default concord-data" in flat
 
