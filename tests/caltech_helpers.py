@@ -42,3 +42,26 @@ def make_caltech(root: Path, classes: int = 4, train: int = 4, test: int = 3, ba
     for listing, paths in lists.items():
         (root / listing).write_text("\n".join(paths) + "\n")
     return root
+
+
+def make_open_world(root: Path, pool: int = 3, evaluation: int = 3, photos: int = 4, noise: float = 60.0,
+                    seed: int = 1) -> Path:
+    """Write a folder shaped like tinyimagenet_open: `images/<wnid>_<name>/val_N.jpg`, pool.txt, eval.txt and
+    the category lists; the two splits hold different categories."""
+    rng = np.random.default_rng(seed)
+    lists: dict[str, list[str]] = {"pool": [], "eval": []}
+    number = 0
+    for c in range(pool + evaluation):
+        split = "pool" if c < pool else "eval"
+        name = f"n{c:08d}_thing{c}"
+        (root / "images" / name).mkdir(parents=True, exist_ok=True)
+        base = rng.uniform(0, 255, size=(8, 8, 3))
+        for _ in range(photos):
+            path = f"{name}/val_{number}.jpg"
+            (root / "images" / path).write_bytes(class_photo(base, rng, noise))
+            lists[split].append(path)
+            number += 1
+    for split, paths in lists.items():
+        (root / f"{split}.txt").write_text("\n".join(paths) + "\n")
+        (root / f"categories_{split}.txt").write_text("\n".join(sorted({p.split('/')[0] for p in paths})) + "\n")
+    return root

@@ -8,7 +8,9 @@ Conventions (DESIGN.md, metric definitions):
   Recall@1 = mean(hits@1), so that the change in Recall@1 between two models equals PFR - NFR;
 - average precision is taken over the whole ranked gallery; a query with no relevant photo in the
   gallery has no AP (NaN) and is excluded from mAP;
-- an empty query subset has NaN for every figure.
+- an empty query subset has NaN for every figure;
+- leave-one-out (`exclude_self`, the open-world protocol): query i and gallery photo i are the same photo
+  (possibly encoded by two models); that photo is ranked last for its own query and is never relevant.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def is_relevant(ranked: np.ndarray, query_labels: np.ndarray, gallery_labels: np
 
 
 def ranked_relevance(queries: np.ndarray, gallery: np.ndarray, query_labels: np.ndarray,
-                     gallery_labels: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
+                     gallery_labels: np.ndarray, chunk: int = CHUNK, exclude_self: bool = False) -> np.ndarray:
     """Relevance [Nq, Ng] of the full ranking of the gallery for every query, as `is_relevant(rank(...))`.
+    With `exclude_self`, query i's own photo (gallery photo i) is ranked last and never relevant.
 
     The same order as the stable argsort of `rank`, but it sorts only the similarity values and places
     each relevant photo by counting the photos ranked before it (about 4x faster on the benchmark's
@@ -76,13 +79,20 @@ def ranked_relevance(queries: np.ndarray, gallery: np.ndarray, query_labels: np.
         raise ValueError(f"{len(g)} gallery vectors but {len(g_labels)} gallery labels")
     if len(q_labels) != len(q):
         raise ValueError(f"{len(q)} query vectors but {len(q_labels)} query labels")
+    if exclude_self and len(q) != len(g):
+        raise ValueError(f"leave-one-out needs one query per gallery photo: {len(q)} queries, {len(g)} photos")
     members = {int(c): np.flatnonzero(g_labels == c) for c in np.unique(q_labels) if c != DISTRACTOR}
     out = np.zeros((len(q), len(g)), dtype=bool)
     for start in range(0, len(q), chunk):
         sims = q[start:start + chunk] @ g.T
+        if exclude_self:
+            rows = np.arange(len(sims))
+            sims[rows, start + rows] = -np.inf
         descending = np.sort(-sims, axis=1)
         for row, label in enumerate(q_labels[start:start + chunk]):
             relevant = members.get(int(label), np.zeros(0, dtype=np.int64))
+            if exclude_self:
+                relevant = relevant[relevant != start + row]
             out[start + row, _positions(sims[row], descending[row], relevant)] = True
     return out
 
@@ -218,9 +228,11 @@ def retrieval_result(relevance: np.ndarray, old_mask: np.ndarray) -> RetrievalRe
 
 
 def evaluate_retrieval(queries: np.ndarray, gallery: np.ndarray, query_labels: np.ndarray,
-                       gallery_labels: np.ndarray, old_mask: np.ndarray) -> RetrievalResult:
-    """Rank the whole gallery for every query and measure it (overall / old / new classes)."""
-    return retrieval_result(ranked_relevance(queries, gallery, query_labels, gallery_labels), old_mask)
+                       gallery_labels: np.ndarray, old_mask: np.ndarray, exclude_self: bool = False) -> RetrievalResult:
+    """Rank the whole gallery for every query and measure it (overall / old / new classes); `exclude_self`: each
+    query's own photo is left out (leave-one-out, the gallery being the queries' photos)."""
+    relevance = ranked_relevance(queries, gallery, query_labels, gallery_labels, exclude_self=exclude_self)
+    return retrieval_result(relevance, old_mask)
 
 
 def _json_float(value: float) -> float | None:
