@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from models.gate import EDGE_GAP, check_gate, default_replaces
+from models.gate import EDGE_GAP, EDGE_GAPS, check_gate, default_replaces
 from models.manifest import Manifest
 
 
@@ -83,6 +83,45 @@ def test_figures_of_another_benchmark_do_not_count(data: dict[str, Any]) -> None
     entry(data, "edge-v1")["metrics"]["benchmark"] = "other"  # ... but not from another benchmark
     verdict = check_gate(Manifest.from_dict(data), "edge-v1", None)
     assert not verdict.passed and "missing figure: M(cloud-v1, cloud-v1) recall@1" in verdict.reason
+
+
+def add_open_world(data: dict[str, Any], scale: float = 0.8) -> None:
+    """Give every model an open-world section: its Caltech figures scaled by `scale`."""
+    for model in data["models"]:
+        matrix = {q: {g: {k: v * scale for k, v in cell.items()} for g, cell in row.items()}
+                  for q, row in model["metrics"]["matrix"].items()}
+        model["metrics"]["benchmarks"] = [{"benchmark": "tinyimagenet_open", "matrix": matrix}]
+
+
+def set_open_figure(data: dict[str, Any], query: str, gallery: str, metric: str, value: float) -> None:
+    for model in data["models"]:
+        model["metrics"]["benchmarks"][0]["matrix"][query][gallery][metric] = value
+
+
+def test_the_gate_judges_every_benchmark(data: dict[str, Any]) -> None:
+    add_open_world(data)
+    verdict = check_gate(Manifest.from_dict(data), "cloud-v2", "cloud-v1")
+    assert verdict.passed, verdict.reason
+    assert len(verdict.checks) == 5  # lineage, then ECC on Recall@1 and mAP on each benchmark
+    assert sum(c.name.endswith("on tinyimagenet_open") for c in verdict.checks) == 2
+    open_old = data["models"][0]["metrics"]["benchmarks"][0]["matrix"]["cloud-v1"]["cloud-v1"]["recall@1"]
+    set_open_figure(data, "cloud-v2", "cloud-v1", "recall@1", open_old - 0.01)  # fails only open-world
+    verdict = check_gate(Manifest.from_dict(data), "cloud-v2", "cloud-v1")
+    assert not verdict.passed
+    assert [c.name for c in verdict.checks if not c.passed] == [
+        "ECC recall@1: M(cloud-v2, cloud-v1) > M(cloud-v1, cloud-v1) on tinyimagenet_open"]
+
+
+def test_the_open_world_edge_gap_is_its_own_limit(data: dict[str, Any]) -> None:
+    add_open_world(data, scale=1.0)
+    own = data["models"][0]["metrics"]["matrix"]["cloud-v1"]["cloud-v1"]["recall@1"]
+    assert EDGE_GAPS["tinyimagenet_open"] == pytest.approx(0.10)
+    set_open_figure(data, "edge-v1", "cloud-v1", "recall@1", own - 0.09)  # 0.09 < 0.10: passes there
+    verdict = check_gate(Manifest.from_dict(data), "edge-v1", None)
+    assert verdict.passed, verdict.reason
+    set_open_figure(data, "edge-v1", "cloud-v1", "recall@1", own - 0.11)
+    verdict = check_gate(Manifest.from_dict(data), "edge-v1", None)
+    assert not verdict.passed and "- 0.1 on tinyimagenet_open" in verdict.reason
 
 
 @pytest.mark.parametrize("cross, passed", [(0.78 - EDGE_GAP, True), (0.78 - EDGE_GAP - 0.001, False)])
