@@ -28,6 +28,7 @@ from training.evaluate import (
     UpgradePair,
     build_report,
     manifest_metrics,
+    markdown_report,
     markdown_table,
     write_report,
 )
@@ -109,7 +110,7 @@ def cell(report: dict[str, Any], query: str, gallery: str, metric: str = "recall
 def test_report_is_strict_json(report: dict[str, Any]) -> None:
     assert json.loads(json.dumps(report, allow_nan=False)) == report
     assert report["data"] == {"queries": 72, "old_queries": 36, "new_queries": 36, "gallery": 140,
-                              "distractors": 20}
+                              "distractors": 20, "leave_one_out": False}
 
 
 def test_matrix_figures_match_a_direct_search(report: dict[str, Any],
@@ -265,3 +266,33 @@ def test_evaluation_never_imports_torch() -> None:
     code = ("import sys, models.benchmark.metrics, models.benchmark.caltech, training.evaluate; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_open_world_report_leaves_each_photo_out_and_carries_both_benchmarks(
+        report: dict[str, Any], bench: tuple[list[ModelEmbeddings], Labels], tmp_path: Path) -> None:
+    models, labels = bench
+    # an open-world style benchmark: the gallery photos query each other, every model encoding the same photos
+    photos = labels.gallery >= 0
+    open_models = [ModelEmbeddings(m.id, m.role, m.version, (m.gallery if m.gallery is not None else
+                                                           models[0].gallery)[photos],
+                                   None if m.gallery is None else m.gallery[photos], m.group)
+                   for m in models if m.role == "cloud"]
+    y = labels.gallery[photos]
+    open_labels = Labels(y, y, np.zeros(len(y), dtype=bool), exclude_self=True)
+    protocol = Protocol(upgrades=(UpgradePair("cloud-v2", "cloud-v1", ("cloud-v1",)),))
+    world = build_report(open_models, open_labels, protocol, name="open")
+    own = evaluate_retrieval(open_models[0].queries, open_models[0].gallery, y, y, open_labels.old_queries,
+                             exclude_self=True)
+    assert cell(world, "cloud-v1", "cloud-v1") == pytest.approx(own.overall.recall_at_1)
+    assert cell(world, "cloud-v1", "cloud-v1") < 1.0  # without leave-one-out each photo would find itself
+    assert world["data"]["leave_one_out"] is True
+    world["reference"] = [{"model": "frozen lite0@96", "trunk": "lite0@96", "trained": False, "recall@1": 0.5,
+                           "recall@5": 0.7, "map": 0.3, "queries": len(y)}]
+    text = markdown_report(world)
+    assert "each querying all the others" in text and "| frozen lite0@96 | lite0@96 | 0.500 |" in text
+    metrics = manifest_metrics(report, world)
+    assert metrics["benchmark"] == report["benchmark"] and metrics["benchmarks"][0]["benchmark"] == "open"
+    assert metrics["benchmarks"][0]["matrix"]["cloud-v1"]["cloud-v1"]["recall@1"] == pytest.approx(
+        own.overall.recall_at_1)
+    with pytest.raises(ValueError, match="leave-one-out"):
+        Labels(y[:3], y, np.zeros(3, dtype=bool), exclude_self=True)

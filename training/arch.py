@@ -161,6 +161,25 @@ class EmbeddingHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(FEATURE_DIM, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, semantic_dim)) if hidden else None
 
+    @torch.no_grad()
+    def start_from_pca(self, features: torch.Tensor, whiten: float = 0.5, eps: float = 1e-6) -> None:
+        """Start as the (partly) whitened PCA of `features` [..., 1280]: the linear shortcut projects onto the top
+        principal directions scaled by eigenvalue^(-whiten/2) (0: plain PCA, 1: full whitening) and the MLP
+        branch starts at zero, so training begins from the trunk's own general structure."""
+        x = features.reshape(-1, features.shape[-1]).double()
+        mean = x.mean(dim=0)
+        values, vectors = torch.linalg.eigh(torch.cov((x - mean).T))
+        top = torch.argsort(values, descending=True)[: self.linear.out_features]
+        projection = vectors[:, top] * (values[top].clamp_min(0) + eps).pow(-whiten / 2)
+        projection /= projection.norm(dim=0).mean()
+        self.linear.weight.copy_(projection.T.float())
+        self.linear.bias.copy_(-(mean @ projection).float())
+        if self.mlp is not None:
+            last = self.mlp[-1]
+            assert isinstance(last, nn.Linear)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.linear(features)
         if self.mlp is not None:

@@ -1,9 +1,16 @@
 """The benchmark, top to bottom: cache trunk features, train every model of the recipe in order, embed
-the gallery and the queries with each, and evaluate. Every step is resumable: finished work is kept.
+the gallery and the queries with each, and evaluate on both parts of the protocol: Caltech-101 and the
+open-world set (tinyimagenet_open: every `eval` photo queries all the others; the frozen trunks' same-model
+figures are the reference). Every step is resumable: finished work is kept.
+
+Training photos (`TrainConfig.photos`, plus `pool`): Caltech-101's labelled training photos, or every
+gallery photo (labels kept for the config's classes, the rest label-free), plus, with `pool`, the
+open-world `pool` photos, label-free. `eval` photos never train anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,7 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.benchmark.caltech import Benchmark, PhotoSet, load_benchmark
+from models.benchmark.caltech import DISTRACTOR, Benchmark, PhotoSet, load_benchmark
+from models.benchmark.metrics import evaluate_retrieval
+from models.benchmark.open_world import NAME as OPEN_WORLD
+from models.benchmark.open_world import OpenWorld, load_open_world
 from training.cache import compute_features, feature_matrix, fingerprint_features
 from training.evaluate import (
     DevicePair,
@@ -26,8 +36,20 @@ from training.evaluate import (
     build_report,
     write_report,
 )
-from training.trainer import TrainConfig, TrainData, embed_features, encoder_from_checkpoint, load_checkpoint, train
+from training.losses import UNLABELLED
+from training.trainer import (
+    TRUNK,
+    Checkpoint,
+    TrainConfig,
+    TrainData,
+    embed_features,
+    encoder_from_checkpoint,
+    load_checkpoint,
+    train,
+)
 
+OPEN_WORLD_GAP = 0.10
+"""Largest cross-device gap on the open-world set (64 px photos of categories no model trained on)."""
 RECIPE = ("cloud-v1", "edge-v1", "cloud-v2", "edge-v2", "cloud-v2-independent", "cloud-v2-l2")
 """Training order: each model's references come before it."""
 
@@ -43,6 +65,20 @@ class Paths:
     def checkpoint(self, model_id: str) -> Path:
         return self.runs / model_id / "checkpoint.pt"
 
+    @property
+    def open_cache(self) -> Path:
+        """The open-world photos' own cache folder, so their keys never meet Caltech's."""
+        return self.cache / "open-world"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Photos of one dataset: where they lie and where their trunk features are cached."""
+
+    image_dir: Path
+    cache: Path
+    photos: PhotoSet
+
 
 def recipe_config(model_id: str) -> TrainConfig:
     """The shipped experiment config of a benchmark model (training/configs/<id>.toml)."""
@@ -50,70 +86,117 @@ def recipe_config(model_id: str) -> TrainConfig:
     return TrainConfig.from_toml(str(path))
 
 
-def features(bench: Benchmark, photos: PhotoSet, arch: str, resolution: int, views: list[str],
-             cache: Path) -> torch.Tensor:
-    """Trunk features [views, N, 1280] of `photos`, computed once and cached."""
+def source_features(sources: list[Source], arch: str, resolution: int, views: list[str]) -> torch.Tensor:
+    """Trunk features [views, N, 1280] of the photos of every source in order, computed once and cached."""
     rows = []
     for view in views:
-        table = compute_features(bench.image_dir, photos.paths, arch, resolution, view, cache)
-        rows.append(torch.from_numpy(feature_matrix(table, photos.paths)))
+        parts = [feature_matrix(compute_features(s.image_dir, s.photos.paths, arch, resolution, view, s.cache),
+                                s.photos.paths) for s in sources]
+        rows.append(torch.from_numpy(np.concatenate(parts)))
     return torch.stack(rows)
 
 
-def training_data(config: TrainConfig, bench: Benchmark, paths: Paths) -> TrainData:
-    """Features of the config's training photos plus its frozen references' embeddings and classifiers."""
-    photos = bench.gallery if config.photos == "gallery" else bench.training_set(config.num_classes)
-    data = TrainData(features(bench, photos, config.arch, config.resolution, config.views, paths.cache),
-                     torch.from_numpy(photos.labels))
+def features(bench: Benchmark, photos: PhotoSet, arch: str, resolution: int, views: list[str],
+             cache: Path) -> torch.Tensor:
+    """Trunk features [views, N, 1280] of Caltech-101 `photos`, computed once and cached."""
+    return source_features([Source(bench.image_dir, cache, photos)], arch, resolution, views)
+
+
+def training_sources(config: TrainConfig, bench: Benchmark, world: OpenWorld | None, paths: Paths) -> list[Source]:
+    """The config's training photos: Caltech-101's (labels kept for its classes, else label-free), then the pool."""
+    if config.photos == "labelled":
+        caltech = bench.training_set(config.num_classes)
+    else:
+        labels = bench.gallery.labels.copy()
+        if config.photos == "gallery" or not config.has_class_loss:
+            labels[:] = UNLABELLED
+        labels[(labels == DISTRACTOR) | (labels >= config.num_classes)] = UNLABELLED
+        caltech = PhotoSet(bench.gallery.paths, labels)
+    sources = [Source(bench.image_dir, paths.cache, caltech)]
+    if config.pool:
+        if world is None:
+            raise RuntimeError(f"{config.model_id} trains on the open-world pool photos: the open-world set is needed")
+        unlabelled = np.full(len(world.pool), UNLABELLED, dtype=np.int64)
+        sources.append(Source(world.image_dir, paths.open_cache, PhotoSet(world.pool.paths, unlabelled)))
+    return sources
+
+
+def training_data(config: TrainConfig, bench: Benchmark, paths: Paths, world: OpenWorld | None = None) -> TrainData:
+    """Features of the config's training photos plus its frozen references' embeddings and classifiers (the
+    reference `trunk` is the model's own frozen trunk features, centred on the training photos)."""
+    sources = training_sources(config, bench, world, paths)
+    feats = source_features(sources, config.arch, config.resolution, config.views)
+    labels = torch.from_numpy(np.concatenate([s.photos.labels for s in sources]))
+    data = TrainData(feats, labels)
     for ref in config.references:
+        if ref == TRUNK:
+            data.references[ref] = feats - feats.reshape(-1, feats.shape[-1]).mean(dim=0)
+            continue
         checkpoint = load_checkpoint(paths.checkpoint(ref))
         if not checkpoint.done:
             raise RuntimeError(f"{config.model_id} needs the finished model {ref}; train it first")
         encoder = encoder_from_checkpoint(checkpoint)
         ref_cfg = checkpoint.config
-        ref_features = features(bench, photos, ref_cfg.arch, ref_cfg.resolution, config.views, paths.cache)
+        ref_features = source_features(sources, ref_cfg.arch, ref_cfg.resolution, config.views)
         data.references[ref] = torch.stack([embed_features(encoder, view) for view in ref_features])
         if checkpoint.classifier is not None:
             data.classifiers[ref] = checkpoint.classifier
     return data
 
 
-def train_model(model_id: str, bench: Benchmark, paths: Paths, config: TrainConfig | None = None) -> Path:
+def train_model(model_id: str, bench: Benchmark, paths: Paths, config: TrainConfig | None = None,
+                world: OpenWorld | None = None) -> Path:
     """Train one benchmark model (skipped when its checkpoint is finished); returns the checkpoint."""
     config = config or recipe_config(model_id)
     checkpoint = paths.checkpoint(config.model_id)
     if checkpoint.exists() and load_checkpoint(checkpoint).done:
         return checkpoint
-    train(config, training_data(config, bench, paths), checkpoint)
+    if config.pool and world is None:
+        world = load_open_world()
+    train(config, training_data(config, bench, paths, world), checkpoint)
     return checkpoint
 
 
 @dataclass(frozen=True)
 class Embedded:
-    """One model's embeddings of the benchmark: queries always, gallery for cloud models."""
+    """One model's embeddings of a benchmark: queries always, gallery for cloud models."""
 
     config: TrainConfig
     queries: np.ndarray
     gallery: np.ndarray | None
 
 
-def embed_model(model_id: str, bench: Benchmark, paths: Paths) -> Embedded:
-    """Encode the queries (and, for a cloud model, the gallery) with a trained model."""
-    checkpoint = load_checkpoint(paths.checkpoint(model_id))
+def encode_source(checkpoint: Checkpoint, source: Source) -> np.ndarray:
+    """A trained model's vectors (semantic part plus the space's fingerprint) of one source's photos."""
     config = checkpoint.config
     encoder = encoder_from_checkpoint(checkpoint)
+    feats = source_features([source], config.arch, config.resolution, ["plain"])[0]
+    embedding = embed_features(encoder, feats)
+    if encoder.fingerprint is None:
+        return embedding.numpy()
+    raw = fingerprint_features(source.image_dir, source.photos.paths, encoder.fingerprint, config.resolution,
+                               "plain", source.cache)
+    fingerprint = encoder.fingerprint.project(torch.from_numpy(feature_matrix(raw, source.photos.paths)))
+    return encoder.fingerprint.combine(embedding, fingerprint).numpy()
 
-    def encode(photos: PhotoSet) -> np.ndarray:
-        feats = features(bench, photos, config.arch, config.resolution, ["plain"], paths.cache)[0]
-        embedding = embed_features(encoder, feats)
-        if encoder.fingerprint is None:
-            return embedding.numpy()
-        raw = fingerprint_features(bench.image_dir, photos.paths, encoder.fingerprint, config.resolution, "plain",
-                                   paths.cache)
-        fingerprint = encoder.fingerprint.project(torch.from_numpy(feature_matrix(raw, photos.paths)))
-        return encoder.fingerprint.combine(embedding, fingerprint).numpy()
 
-    return Embedded(config, encode(bench.queries), encode(bench.gallery) if config.role == "cloud" else None)
+def embed_model(model_id: str, bench: Benchmark, paths: Paths) -> Embedded:
+    """Encode the Caltech-101 queries (and, for a cloud model, the gallery) with a trained model."""
+    checkpoint = load_checkpoint(paths.checkpoint(model_id))
+    config = checkpoint.config
+    queries = encode_source(checkpoint, Source(bench.image_dir, paths.cache, bench.queries))
+    gallery = (encode_source(checkpoint, Source(bench.image_dir, paths.cache, bench.gallery))
+               if config.role == "cloud" else None)
+    return Embedded(config, queries, gallery)
+
+
+def embed_open_world(model_id: str, world: OpenWorld, paths: Paths) -> Embedded:
+    """Encode the open-world `eval` photos with a trained model: they are the queries and, for a cloud model,
+    the gallery too (each query's own photo is left out when ranking)."""
+    checkpoint = load_checkpoint(paths.checkpoint(model_id))
+    config = checkpoint.config
+    vectors = encode_source(checkpoint, Source(world.image_dir, paths.open_cache, world.eval))
+    return Embedded(config, vectors, vectors if config.role == "cloud" else None)
 
 
 def run(models: tuple[str, ...] = RECIPE, data_root: Path | None = None,
@@ -126,14 +209,20 @@ def run(models: tuple[str, ...] = RECIPE, data_root: Path | None = None,
     return {model_id: embed_model(model_id, bench, paths) for model_id in models}
 
 
-def cache_recipe(models: tuple[str, ...], data_root: Path | None, paths: Paths) -> None:
-    """Compute every trunk feature the recipe needs (all photos plain; training photos in each view)."""
+def cache_recipe(models: tuple[str, ...], data_root: Path | None, paths: Paths, open_root: Path | None = None) -> None:
+    """Compute every trunk feature the recipe needs: all photos plain, training photos in each view, and the
+    open-world photos (eval plain, pool in each view)."""
     bench = load_benchmark(data_root)
+    world = load_open_world(open_root)
     photos = PhotoSet(bench.all_paths(), np.zeros(len(bench.all_paths()), dtype=np.int64))
     for config in map(recipe_config, models):
         features(bench, photos, config.arch, config.resolution, ["plain"], paths.cache)
-        training = bench.gallery if config.photos == "gallery" else bench.train
+        training = bench.gallery if config.photos != "labelled" else bench.train
         features(bench, training, config.arch, config.resolution, config.views, paths.cache)
+        source_features([Source(world.image_dir, paths.open_cache, world.eval)], config.arch, config.resolution,
+                        ["plain"])
+        source_features([Source(world.image_dir, paths.open_cache, world.pool)], config.arch, config.resolution,
+                        config.views)
 
 
 def recipe_protocol() -> Protocol:
@@ -145,25 +234,67 @@ def recipe_protocol() -> Protocol:
         cross_device=(DevicePair("edge-v1", "cloud-v1"), DevicePair("edge-v2", "cloud-v2")),
         tax=TaxPair("cloud-v2-independent", "cloud-v2"),
         flips=(FlipPair("cloud-v1", "cloud-v2", "cloud-v1"), FlipPair("edge-v1", "edge-v2", "cloud-v1")),
-        mixed=MixedSpec("cloud-v1", "cloud-v2", ("cloud-v2", "edge-v2", "edge-v1")),
-        matrix=(("edge-v1", "cloud-v2"),),
+        mixed=MixedSpec("cloud-v1", "cloud-v2", ("cloud-v2", "edge-v2", "edge-v1", "cloud-v1")),
+        matrix=(("edge-v1", "cloud-v2"), ("cloud-v1", "cloud-v2")),
     )
 
 
+def open_world_protocol() -> Protocol:
+    """The Caltech protocol, with the open-world edge gap limit (0.10)."""
+    return dataclasses.replace(recipe_protocol(), gap_threshold=OPEN_WORLD_GAP)
+
+
+def trunk_reference(models: tuple[str, ...], world: OpenWorld, paths: Paths,
+                    embedded: dict[str, Embedded]) -> list[dict[str, Any]]:
+    """Same-model figures on the open-world set: each frozen trunk of the recipe (pooled features), and each
+    trained model searching a gallery it indexed itself beside its frozen trunk's figure (the reference)."""
+    labels = world.eval.labels
+    none = np.zeros(len(labels), dtype=bool)
+    rows, trunks = [], {}
+    for config in dict.fromkeys(recipe_config(m) for m in models):
+        key = f"{config.arch}@{config.resolution}"
+        if key in trunks:
+            continue
+        feats = source_features([Source(world.image_dir, paths.open_cache, world.eval)], config.arch,
+                                config.resolution, ["plain"])[0].numpy()
+        feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+        trunks[key] = evaluate_retrieval(feats, feats, labels, labels, none, exclude_self=True).overall.to_dict()
+        rows.append({"model": f"frozen {key}", "trunk": key, "trained": False, **trunks[key]})
+    for model_id, e in embedded.items():
+        key = f"{e.config.arch}@{e.config.resolution}"
+        own = evaluate_retrieval(e.queries, e.queries, labels, labels, none, exclude_self=True).overall.to_dict()
+        rows.append({"model": model_id, "trunk": key, "trained": True, **own,
+                     "trunk_recall@1": trunks[key]["recall@1"],
+                     "vs_trunk": own["recall@1"] - trunks[key]["recall@1"]})
+    return rows
+
+
 def evaluate_recipe(models: tuple[str, ...], data_root: Path | None, paths: Paths,
-                    train_missing: bool = False) -> dict[str, Path]:
-    """Embed the benchmark with every model (training missing ones if asked) and write the report."""
+                    train_missing: bool = False, open_root: Path | None = None) -> dict[str, Path]:
+    """Embed both benchmarks with every model (training missing ones if asked) and write both reports."""
     bench = load_benchmark(data_root)
+    world = load_open_world(open_root)
     if train_missing:
         for model_id in models:
-            train_model(model_id, bench, paths)
+            train_model(model_id, bench, paths, world=world)
     embedded = {model_id: embed_model(model_id, bench, paths) for model_id in models}
-    entries = [ModelEmbeddings(m, e.config.role, e.config.version, e.queries, e.gallery, e.config.group)
-               for m, e in embedded.items()]
     labels = Labels(bench.queries.labels, bench.gallery.labels, bench.is_old_class(bench.queries.labels))
-    report = build_report(entries, labels, recipe_protocol())
+    report = build_report(_entries(embedded), labels, recipe_protocol())
     save_embeddings(embedded, paths.reports / "embeddings")
-    return write_report(report, paths.reports)
+    written = write_report(report, paths.reports)
+    opened = {model_id: embed_open_world(model_id, world, paths) for model_id in models}
+    none = np.zeros(len(world.eval), dtype=bool)
+    open_labels = Labels(world.eval.labels, world.eval.labels, none, exclude_self=True)
+    open_report = build_report(_entries(opened), open_labels, open_world_protocol(), name=OPEN_WORLD)
+    open_report["reference"] = trunk_reference(models, world, paths, opened)
+    save_embeddings(opened, paths.reports / "embeddings" / OPEN_WORLD)
+    written.update({f"{OPEN_WORLD}_{k}": v for k, v in write_report(open_report, paths.reports, OPEN_WORLD).items()})
+    return written
+
+
+def _entries(embedded: dict[str, Embedded]) -> list[ModelEmbeddings]:
+    return [ModelEmbeddings(m, e.config.role, e.config.version, e.queries, e.gallery, e.config.group)
+            for m, e in embedded.items()]
 
 
 def save_embeddings(embedded: dict[str, Embedded], folder: Path) -> None:

@@ -6,7 +6,7 @@ torch and the training modules are imported inside each command, so `concord --h
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -64,8 +64,9 @@ def benchmark(data: DataOpt = None, cache_dir: CacheOpt = Path("cache"), runs: R
 def export(
     checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint files, or model ids (RUNS/<id>/checkpoint.pt).")],
     out: Annotated[Path, typer.Option("--out", help="The release folder to write.")] = Path("release"),
-    report: Annotated[Path | None, typer.Option(help="The JSON report of `concord evaluate`: the figures the "
-                                                     "manifest records and the gate judges.")] = None,
+    report: Annotated[list[Path] | None, typer.Option(help="The JSON reports of `concord evaluate` (Caltech-101 first, "
+                                                           "then the open-world one): the figures the manifest "
+                                                           "records and the gate judges on every one.")] = None,
     photos: Annotated[Path | None, typer.Option(help="A folder of real photos to check onnxruntime against torch "
                                                      "(default: benchmark query photos).")] = None,
     count: Annotated[int, typer.Option(help="How many photos the check uses.")] = 16,
@@ -76,12 +77,12 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing release folder.")] = False,
 ) -> None:
     """Export checkpoints to a release folder: server and device ONNX files, verified, with manifest.json."""
-    from training.export import ExportError, export_release, load_report
+    from training.export import ExportError, export_release
 
     paths = [Path(c) if c.endswith(".pt") or Path(c).is_file() else runs / c / "checkpoint.pt" for c in checkpoints]
     try:
         chosen = _export_photos(photos, data, count)
-        manifest = export_release(paths, out, chosen, load_report(report) if report else None, release=name,
+        manifest = export_release(paths, out, chosen, _reports(report), release=name,
                                   require_gate=gate, overwrite=overwrite)
     except (ExportError, FileNotFoundError, ValueError) as err:
         typer.echo(f"concord export: {err}", err=True)
@@ -92,6 +93,20 @@ def export(
         typer.echo(f"{entry.id}: {entry.file} (+{', '.join(entry.variants)}); worst cosine {cosines}; "
                    f"gate {'passed' if verdict['passed'] else 'FAILED'}: {verdict['reason']}")
     typer.echo(f"release written to {out}")
+
+
+def _reports(paths: list[Path] | None) -> dict[str, Any] | None:
+    """The evaluation reports in the manifest's form: the first one's figures, the others under "benchmarks"."""
+    from training.evaluate import manifest_metrics
+    from training.export import ExportError, load_report
+
+    if not paths:
+        return None
+    loaded = [load_report(p) for p in paths]
+    try:
+        return manifest_metrics(*loaded)
+    except (KeyError, TypeError) as err:
+        raise ExportError(f"an evaluation report's matrix rows lack {err}") from None
 
 
 def _export_photos(folder: Path | None, data: Path | None, count: int) -> list[Path]:

@@ -143,10 +143,20 @@ def export_model(encoder: nn.Module, entry: ModelEntry, folder: Path, photos: Se
 
 def report_metrics(report: dict[str, Any] | None, model_ids: Sequence[str]) -> dict[str, Any]:
     """The release's share of an evaluation report: the pairs whose query and gallery models are both in the
-    release, in the manifest's form `{"benchmark", "matrix": {q: {g: figures}}}`. The report is either
-    `concord evaluate`'s (a list of matrix rows) or already in that form."""
+    release, in the manifest's form `{"benchmark", "matrix": {q: {g: figures}}}`, and likewise each further
+    benchmark listed under "benchmarks" (the open-world part). The report is either `concord evaluate`'s (a
+    list of matrix rows) or already in that form."""
     if not report:
         return {}
+    metrics = _report_section(report, model_ids)
+    more = report.get("benchmarks")
+    if isinstance(more, list) and more:
+        metrics["benchmarks"] = [_report_section(r, model_ids) for r in more]
+    return metrics
+
+
+def _report_section(report: dict[str, Any], model_ids: Sequence[str]) -> dict[str, Any]:
+    """One benchmark's figures of the release's models, in the manifest's form."""
     if isinstance(report.get("matrix"), list):
         from training.evaluate import manifest_metrics
 

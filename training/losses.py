@@ -6,6 +6,12 @@
   old-model embedding of their training photos as their row.
 - `Regression`: feature regression (squared L2 between unit vectors) to a frozen reference encoder's
   embeddings of the same photos, e.g. an edge model towards the cloud model of its version.
+- `Relational`: similarity preservation: the batch's cosine-similarity matrix follows a frozen reference's
+  (e.g. the model's own frozen trunk features), so the head keeps the trunk's general structure on
+  photos of any category while the class losses sharpen it.
+
+Photos without a label (label -1: label-free photos such as the open-world pool) count for the
+reference-based losses only; the class losses skip them.
 """
 
 from __future__ import annotations
@@ -39,8 +45,21 @@ class CosineClassifier(nn.Module):
         return self.scale * F.normalize(embeddings, dim=-1) @ F.normalize(self.weight, dim=-1).T
 
 
+UNLABELLED = -1
+"""Label of a label-free training photo."""
+
+
+def labelled_cross_entropy(logits_of: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor,
+                           smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the labelled photos of the batch only (zero when it has none)."""
+    keep = labels != UNLABELLED
+    if not bool(keep.any()):
+        return embeddings.sum() * 0.0
+    return F.cross_entropy(logits_of(embeddings[keep]), labels[keep], label_smoothing=smoothing)
+
+
 class Classification(nn.Module):
-    """Cross-entropy of the model's own (trainable) cosine classifier."""
+    """Cross-entropy of the model's own (trainable) cosine classifier, over the labelled photos."""
 
     def __init__(self, dim: int, num_classes: int, scale: float = 16.0, smoothing: float = 0.1) -> None:
         super().__init__()
@@ -48,7 +67,7 @@ class Classification(nn.Module):
         self.smoothing = smoothing
 
     def forward(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.classifier(embeddings), batch.labels, label_smoothing=self.smoothing)
+        return labelled_cross_entropy(self.classifier, embeddings, batch.labels, self.smoothing)
 
 
 def extend_old_classifier(old_weight: torch.Tensor, old_embeddings: torch.Tensor, labels: torch.Tensor,
@@ -72,7 +91,7 @@ class Influence(nn.Module):
                                            weight=old_classifier, trainable=False)
 
     def forward(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.classifier(embeddings), batch.labels)
+        return labelled_cross_entropy(self.classifier, embeddings, batch.labels)
 
 
 class Regression(nn.Module):
@@ -85,6 +104,23 @@ class Regression(nn.Module):
     def forward(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
         target = batch.references[self.reference]
         return (embeddings - target).pow(2).sum(dim=-1).mean()
+
+
+class Relational(nn.Module):
+    """Similarity preservation: mean squared difference between the batch's cosine-similarity matrix and the
+    frozen reference's of the same photos (off-diagonal pairs; the reference may have another width)."""
+
+    def __init__(self, reference: str) -> None:
+        super().__init__()
+        self.reference = reference
+
+    def forward(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if len(embeddings) < 2:
+            return embeddings.sum() * 0.0
+        target = F.normalize(batch.references[self.reference], dim=-1)
+        own = F.normalize(embeddings, dim=-1)
+        off = ~torch.eye(len(own), dtype=torch.bool, device=own.device)
+        return (own @ own.T - target @ target.T)[off].pow(2).mean()
 
 
 class Weighted(nn.Module):

@@ -20,14 +20,28 @@ from tqdm import tqdm
 from models.atomic import write_atomic
 from training.arch import Encoder, build_encoder
 from training.fingerprint import load_fingerprint
-from training.losses import Batch, Classification, Influence, Regression, Weighted, extend_old_classifier
+from training.losses import (
+    Batch,
+    Classification,
+    Influence,
+    Regression,
+    Relational,
+    Weighted,
+    extend_old_classifier,
+)
 
-LOSS_KINDS = ("classification", "influence", "regression")
+LOSS_KINDS = ("classification", "influence", "regression", "relational")
+CLASS_LOSSES = ("classification", "influence")
+PHOTOS = ("labelled", "gallery", "all")
+INITS = ("random", "pca")
+TRUNK = "trunk"
+"""The reference name of the model's own frozen trunk features (centred), for the relational loss."""
 
 
 @dataclass
 class LossSpec:
-    """One loss term: `reference` names the frozen model (checkpoint id) for influence and regression."""
+    """One loss term: `reference` names the frozen model (checkpoint id) for influence and regression, and the
+    frozen model or `trunk` (the model's own frozen trunk features) for the relational loss."""
 
     kind: str
     weight: float = 1.0
@@ -62,7 +76,14 @@ class TrainConfig:
     checkpoint_every: int = 5
     photos: str = "labelled"
     """'labelled': the training photos of the first num_classes classes; 'gallery': every gallery photo the
-    reference cloud model indexed, without labels (distillation only; regression losses only)."""
+    reference cloud model indexed, without labels (reference-based losses only); 'all': every gallery photo,
+    labelled for the first num_classes classes and label-free otherwise (background, later classes)."""
+    pool: bool = False
+    """Add the open-world `pool` photos, label-free (never the `eval` photos)."""
+    init: str = "random"
+    """'random', or 'pca': the head starts as the partly whitened PCA of its training photos' trunk features."""
+    whiten: float = 0.5
+    """With init='pca': eigenvalue^(-whiten/2) scaling (0: plain PCA, 1: full whitening)."""
     views: list[str] = field(default_factory=lambda: ["plain", "flip"])
 
     def __post_init__(self) -> None:
@@ -72,14 +93,23 @@ class TrainConfig:
                 raise ValueError(f"{self.model_id}: unknown loss {spec.kind!r}; known: {LOSS_KINDS}")
             if spec.kind != "classification" and not spec.reference:
                 raise ValueError(f"{self.model_id}: loss {spec.kind!r} needs a reference model")
-            if self.photos == "gallery" and spec.kind != "regression":
-                raise ValueError(f"{self.model_id}: photos='gallery' has no labels; only regression losses apply")
-        if self.photos not in ("labelled", "gallery"):
-            raise ValueError(f"{self.model_id}: photos must be 'labelled' or 'gallery', got {self.photos!r}")
+            if spec.reference == TRUNK and spec.kind != "relational":
+                raise ValueError(f"{self.model_id}: only the relational loss takes the frozen trunk as reference")
+            if self.photos == "gallery" and spec.kind in CLASS_LOSSES:
+                raise ValueError(f"{self.model_id}: photos='gallery' has no labels; only reference-based losses apply")
+        if self.photos not in PHOTOS:
+            raise ValueError(f"{self.model_id}: photos must be one of {PHOTOS}, got {self.photos!r}")
+        if self.init not in INITS:
+            raise ValueError(f"{self.model_id}: init must be one of {INITS}, got {self.init!r}")
 
     @property
     def references(self) -> list[str]:
         return list(dict.fromkeys(spec.reference for spec in self.losses if spec.reference))
+
+    @property
+    def has_class_loss(self) -> bool:
+        """Whether a loss of the config uses labels."""
+        return any(spec.kind in CLASS_LOSSES for spec in self.losses)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -126,6 +156,8 @@ def build_losses(config: TrainConfig, data: TrainData) -> Weighted:
             old = extend_old_classifier(data.classifiers[spec.reference], data.references[spec.reference][0],
                                         data.labels, config.num_classes)
             loss = Influence(old, config.scale)
+        elif spec.kind == "relational":
+            loss = Relational(spec.reference)
         else:
             loss = Regression(spec.reference)
         terms[f"{spec.kind}:{spec.reference}" if spec.reference else spec.kind] = (spec.weight, loss)
@@ -218,6 +250,8 @@ def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool
     """Train the head of `config`'s encoder on `data`; resume from `checkpoint` if it is unfinished."""
     torch.manual_seed(config.seed)
     encoder = build_encoder(config.arch, config.resolution, config.semantic_dim, config.hidden, config.dropout)
+    if config.init == "pca":
+        encoder.head.start_from_pca(data.features, config.whiten)
     losses = build_losses(config, data)
     params = [p for p in [*encoder.head.parameters(), *losses.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

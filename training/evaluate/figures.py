@@ -70,8 +70,8 @@ class Evaluator:
             vectors = self.gallery(new) if old == new else mixed_gallery(self.gallery(old), self.gallery(new),
                                                                          share, seed)
             queries, vectors = semantic_common(self.model(query).queries, vectors)
-            self._results[key] = evaluate_retrieval(queries, vectors, self.labels.queries,
-                                                    self.labels.gallery, self.labels.old_queries)
+            self._results[key] = evaluate_retrieval(queries, vectors, self.labels.queries, self.labels.gallery,
+                                                    self.labels.old_queries, self.labels.exclude_self)
         return self._results[key]
 
 
@@ -228,7 +228,8 @@ def build_report(models: Sequence[ModelEmbeddings], labels: Labels, protocol: Pr
     report = {
         "benchmark": name,
         "data": {"queries": len(labels.queries), "old_queries": int(old.sum()), "new_queries": int((~old).sum()),
-                 "gallery": len(labels.gallery), "distractors": int((labels.gallery == DISTRACTOR).sum())},
+                 "gallery": len(labels.gallery), "distractors": int((labels.gallery == DISTRACTOR).sum()),
+                 "leave_one_out": labels.exclude_self},
         "models": [{"id": m.id, "role": m.role, "version": m.version, "group": m.group, "dim": m.dim}
                    for m in models],
         "matrix": _matrix(ev, pairs),
@@ -243,11 +244,15 @@ def build_report(models: Sequence[ModelEmbeddings], labels: Labels, protocol: Pr
     return dict(_clean(report))
 
 
-def manifest_metrics(report: dict[str, Any]) -> dict[str, Any]:
+def manifest_metrics(report: dict[str, Any], *more: dict[str, Any]) -> dict[str, Any]:
     """The report's matrix in the manifest's `metrics` form that the compatibility gate reads:
-    {"benchmark": name, "matrix": {query: {gallery: {"recall@1", "recall@5", "map"}}}} (overall figures)."""
+    {"benchmark": name, "matrix": {query: {gallery: {"recall@1", "recall@5", "map"}}}} (overall figures), with
+    the matrices of `more` reports (the open-world part) under "benchmarks" in the same form."""
     matrix: dict[str, dict[str, Any]] = {}
     for row in report["matrix"]:
         figures = {k: v for k, v in row["overall"].items() if k != "queries"}
         matrix.setdefault(row["query"], {})[row["gallery"]] = figures
-    return {"benchmark": report["benchmark"], "matrix": matrix}
+    metrics: dict[str, Any] = {"benchmark": report["benchmark"], "matrix": matrix}
+    if more:
+        metrics["benchmarks"] = [manifest_metrics(r) for r in more]
+    return metrics

@@ -52,15 +52,21 @@ class ModelEmbeddings:
 
 @dataclass(frozen=True, eq=False)
 class Labels:
-    """Class labels of the queries [Nq] and gallery [Ng] (-1 = distractor), and the old-class query mask."""
+    """Class labels of the queries [Nq] and gallery [Ng] (-1 = distractor), and the old-class query mask.
+    `exclude_self`: query i and gallery photo i are one photo (the open-world protocol: every photo queries all
+    the others), left out of its own ranking."""
 
     queries: np.ndarray
     gallery: np.ndarray
     old_queries: np.ndarray
+    exclude_self: bool = False
 
     def __post_init__(self) -> None:
         if self.old_queries.shape != self.queries.shape:
             raise ValueError(f"old-class mask {self.old_queries.shape} and query labels {self.queries.shape} differ")
+        if self.exclude_self and self.queries.shape != self.gallery.shape:
+            raise ValueError(f"leave-one-out needs the queries to be the gallery photos: {self.queries.shape} "
+                             f"query labels, {self.gallery.shape} gallery labels")
 
 
 @dataclass(frozen=True)

@@ -87,19 +87,37 @@ def _mixed_markdown(report: dict[str, Any]) -> str:
             f"in one index (seed {mixed['seed']}); Recall@1.\n\n" + _table(header, rows))
 
 
+def _reference_markdown(report: dict[str, Any]) -> list[str]:
+    """Same-model figures of the frozen trunks (the reference) and of each trained model beside its trunk's."""
+    rows = report.get("reference")
+    if not rows:
+        return []
+    table = _table(("Model", "Trunk", "R@1", "R@5", "mAP", "R@1 - trunk's"),
+                   [(_tagged(report, r["model"]) if r["trained"] else r["model"], r["trunk"], _num(r["recall@1"]),
+                     _num(r["recall@5"]), _num(r["map"]), _num(r.get("vs_trunk")) if r["trained"] else "")
+                    for r in rows])
+    return ["## Same-model reference (each model searching a gallery it indexed itself)",
+            "Frozen rows: the ImageNet trunk's pooled features, L2-normalised. Edge models never index; their "
+            "row is what they would reach if they did.\n\n" + table]
+
+
 def markdown_report(report: dict[str, Any], name: str | None = None) -> str:
-    """The whole report as Markdown: matrix, ECC/AC, gaps, tax, flip rates, mixed gallery and the figures."""
+    """The whole report as Markdown: matrix, ECC/AC, gaps, tax, flip rates, mixed gallery, the figures and, when
+    the report has one, the frozen trunks' same-model reference."""
     name = name or report["benchmark"]
     d = report["data"]
+    photos = (f"{d['queries']} photos, each querying all the others (its own photo left out)" if d.get("leave_one_out")
+              else f"{d['queries']} queries ({d['old_queries']} old-class, {d['new_queries']} new-class); gallery of "
+                   f"{d['gallery']} photos ({d['distractors']} distractors)")
     return "\n\n".join([
         f"# Benchmark report: {report['benchmark']}",
-        f"{d['queries']} queries ({d['old_queries']} old-class, {d['new_queries']} new-class); gallery of "
-        f"{d['gallery']} photos ({d['distractors']} distractors). Case = query/gallery model generation.",
+        f"{photos}. Case = query/gallery model generation.",
         "## Compatibility matrix", markdown_table(report), f"![Recall@1 matrix]({name}_matrix.png)",
         "## Upgrades (ECC on Recall@1 and mAP)", _ecc_markdown(report),
         "## Cross-device gap", _gap_and_tax_markdown(report),
         "## Flip rates (Recall@1)", _flips_markdown(report),
         "## Mixed gallery", _mixed_markdown(report), f"![Mixed gallery]({name}_mixed.png)",
+        *_reference_markdown(report),
     ]) + "\n"
 
 
