@@ -27,10 +27,11 @@ from models.preprocess import MAX_PIXELS, ImageError, load_image, preprocess
 from models.release import Release
 from server.metrics import Metrics
 from server.security import ACCEPTED, sniff_image
-from server.settings import ACTIVE_MODEL_KEY, Settings
+from server.settings import ACTIVE_MODEL_KEY, LEGACY_SPACE, SPACE_KEY, Settings
 from server.store import Gallery, Hit, IndexSpec, NewPhoto, PhotoRecord
 from server.store import check_vector as store_check_vector
 from server.store.backends import GalleryLocation, gallery_dim, open_gallery
+from server.store.catalogue import recorded_setting
 from server.vector_index import set_search_threads
 
 log = logging.getLogger("concord.server")
@@ -168,6 +169,7 @@ class Service:
                              settings.keep_bytes, settings.milvus_token or "", settings.milvus_timeout,
                              snapshot_every=settings.snapshot_every)
         try:
+            keep_to_one_space(store, entry, gallery_name(settings), settings.release)
             active = store.get_setting(ACTIVE_MODEL_KEY)
             if active is None:
                 store.set_setting(ACTIVE_MODEL_KEY, wanted)
@@ -460,7 +462,8 @@ class Service:
 
 
 def check_store_fits(settings: Settings) -> None:
-    """Refuse, before anything loads, a store folder made for vectors of another dim than the release's."""
+    """Refuse, before anything loads, a store made for vectors of another dim or (embedded) space than the
+    release's; a Milvus gallery's space is checked when it opens."""
     manifest = Manifest.load(settings.release)
     entry = _cloud_entry(manifest, settings.model or newest_cloud(manifest), "CONCORD_MODEL")
     stored = gallery_dim(GalleryLocation.parse(settings.gallery), Path(settings.data_dir), settings.milvus_token or "",
@@ -469,6 +472,26 @@ def check_store_fits(settings: Settings) -> None:
         raise ValueError(f"the {gallery_name(settings)} holds {stored}-dim vectors, but release "
                          f"{settings.release} embeds into {entry.dim} dims (space {entry.space!r}): serve that store "
                          f"with the release that made it, or give this release its own --data-dir / CONCORD_DATA_DIR")
+    if GalleryLocation.parse(settings.gallery).kind == "embedded":
+        used, recorded = recorded_setting(Path(settings.data_dir) / "gallery", SPACE_KEY)
+        _check_space(recorded or (LEGACY_SPACE if used else None), entry, gallery_name(settings), settings.release)
+
+
+def keep_to_one_space(store: Gallery, entry: ModelEntry, name: str, release: object) -> None:
+    """Refuse a gallery whose vectors are of another space than `entry`'s (a gallery that holds vectors but
+    recorded no space is LEGACY_SPACE's); record the space in a gallery that has none yet."""
+    recorded = store.get_setting(SPACE_KEY)
+    used = len(store) > 0 or store.get_setting(ACTIVE_MODEL_KEY) is not None
+    _check_space(recorded or (LEGACY_SPACE if used else None), entry, name, release)
+    if recorded is None:
+        store.set_setting(SPACE_KEY, entry.space)
+
+
+def _check_space(stored: str | None, entry: ModelEntry, name: str, release: object) -> None:
+    if stored is not None and stored != entry.space:
+        raise ValueError(f"the {name} holds vectors of space {stored!r}, but release {release} embeds into space "
+                         f"{entry.space!r}: vectors of two spaces cannot be compared; serve that store with the "
+                         f"release that made it, or give this release its own --data-dir / CONCORD_DATA_DIR")
 
 
 def gallery_name(settings: Settings) -> str:

@@ -18,6 +18,11 @@ from server.store.backends import GalleryLocation
 
 PREFIX = "CONCORD_"
 ACTIVE_MODEL_KEY = "active_cloud_model"
+SPACE_KEY = "space"
+"""The gallery setting naming the embedding space of its vectors (recorded when a release first serves it)."""
+LEGACY_SPACE = "concord"
+"""The space of a gallery that holds vectors but recorded no space: every release until spaces were recorded
+embedded into it."""
 """The store setting that records which cloud model indexes new photos (durable across restarts)."""
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off", "")

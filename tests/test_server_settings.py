@@ -109,3 +109,33 @@ def test_the_service_runs_faiss_on_its_setting(tiny_release: Path, tmp_path: Pat
             assert faiss.omp_get_max_threads() == count
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def test_a_gallery_keeps_to_one_space(tiny_release: Path, tmp_path: Path) -> None:
+    """A gallery records the space of its vectors; one of another space (or an older release's, which recorded
+    none) is refused in one line before anything loads and again when it opens, and is left as it was."""
+    from models.manifest import Manifest
+    from server.service import Service, check_store_fits
+    from server.settings import ACTIVE_MODEL_KEY, LEGACY_SPACE, SPACE_KEY
+    from server.store import GalleryStore
+
+    entry = Manifest.load(tiny_release).newest("cloud")
+    assert entry.space != LEGACY_SPACE
+    fresh = Settings.from_env({}, release=tiny_release, data_dir=tmp_path / "fresh")
+    check_store_fits(fresh)
+    Service.open(fresh).close()
+    with GalleryStore(tmp_path / "fresh" / "gallery", dim=entry.dim) as store:
+        assert store.get_setting(SPACE_KEY) == entry.space
+    check_store_fits(fresh)  # the same release serves it again
+
+    with GalleryStore(tmp_path / "old" / "gallery", dim=entry.dim) as store:  # made by an older release
+        store.set_setting(ACTIVE_MODEL_KEY, "cloud-v1")
+    old = Settings.from_env({}, release=tiny_release, data_dir=tmp_path / "old")
+    for attempt in (check_store_fits, Service.open):
+        with pytest.raises(ValueError) as err:
+            attempt(old)
+        message = str(err.value)
+        assert "\n" not in message and f"holds vectors of space {LEGACY_SPACE!r}" in message
+        assert f"embeds into space {entry.space!r}" in message and "--data-dir / CONCORD_DATA_DIR" in message
+    with GalleryStore(tmp_path / "old" / "gallery", dim=entry.dim) as store:
+        assert store.get_setting(SPACE_KEY) is None, "a refused gallery is left as it was"
