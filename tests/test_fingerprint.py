@@ -21,8 +21,8 @@ from training.fingerprint import Fingerprint, FingerprintSpec, colour_layout, di
 @pytest.fixture(scope="module")
 def fingerprint() -> Fingerprint:
     """The fitted fingerprint that ships with the training package for the main space."""
-    fitted = load_fingerprint("concord")
-    assert fitted is not None, "training/spaces/concord.npz is missing: run `concord fingerprint`"
+    fitted = load_fingerprint("concord2")
+    assert fitted is not None, "training/spaces/concord2.npz is missing: run `concord fingerprint`"
     return fitted
 
 
@@ -83,7 +83,7 @@ def test_the_encoder_appends_the_fingerprint_and_onnx_reproduces_it(fingerprint:
     assert out.shape == (len(images), 16 + spec.dims)
     assert torch.allclose(out.norm(dim=1), torch.ones(len(images)), atol=1e-5)
     assert torch.allclose(out[:, 16:], alone * spec.weight ** 0.5, atol=1e-6)
-    entry = model_entry(train_config("m", "edge", 1, 160, [], space="concord"), spec)
+    entry = model_entry(train_config("m", "edge", 1, 160, [], space="concord2"), spec)
     assert entry.dim == 16 + spec.dims
     got = OnnxEncoder(to_onnx(encoder, tmp_path / "m.onnx", 160), entry).encode_arrays(images)
     assert np.allclose(got, out.numpy(), atol=1e-4)

@@ -125,7 +125,7 @@ def _export_photos(folder: Path | None, data: Path | None, count: int) -> list[P
 
 
 @app.command()
-def fingerprint(data: DataOpt = None, space: Annotated[str, typer.Option(help="The space id.")] = "concord",
+def fingerprint(data: DataOpt = None, space: Annotated[str, typer.Option(help="The space id.")] = "concord2",
                 out: Annotated[Path | None, typer.Option(help="Where to write (default: the training package's "
                                                               "spaces/<space>.npz).")] = None,
                 seed: int = 0) -> None:

@@ -62,7 +62,7 @@ class TrainConfig:
     parents: list[str] = field(default_factory=list)
     replaces: str = ""
     group: str = "main"
-    space: str = "concord"
+    space: str = "concord2"
     semantic_dim: int = 256
     """Width of the trained embedding; the stored vector adds the space's fingerprint (the manifest's `dim`)."""
     hidden: int = 512
