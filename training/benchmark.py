@@ -251,7 +251,7 @@ def trunk_reference(models: tuple[str, ...], world: OpenWorld, paths: Paths,
     labels = world.eval.labels
     none = np.zeros(len(labels), dtype=bool)
     rows, trunks = [], {}
-    for config in dict.fromkeys(recipe_config(m) for m in models):
+    for config in map(recipe_config, models):
         key = f"{config.arch}@{config.resolution}"
         if key in trunks:
             continue
