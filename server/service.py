@@ -477,6 +477,13 @@ def check_store_fits(settings: Settings) -> None:
         _check_space(recorded or (LEGACY_SPACE if used else None), entry, gallery_name(settings), settings.release)
 
 
+def start_gallery(store: Gallery, space: str, model_id: str) -> None:
+    """Record in a new gallery what a release's first start records: its vectors' space and the indexing model
+    (benchmarks that fill a store directly call it, so that `concord serve` opens it as its own)."""
+    store.set_setting(SPACE_KEY, space)
+    store.set_setting(ACTIVE_MODEL_KEY, model_id)
+
+
 def keep_to_one_space(store: Gallery, entry: ModelEntry, name: str, release: object) -> None:
     """Refuse a gallery whose vectors are of another space than `entry`'s (a gallery that holds vectors but
     recorded no space is LEGACY_SPACE's); record the space in a gallery that has none yet."""

@@ -189,8 +189,8 @@ def test_the_export_command(checkpoints: list[Path], sample_photos: dict[str, by
             "--report", str(tmp_path / "report.json"), "--name", "cli", "--no-gate"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
-    out = capsys.readouterr().out
-    assert exit_info.value.code in (0, None), out
+    out, err = capsys.readouterr()
+    assert exit_info.value.code in (0, None), out + err
     assert "cloud-v1: cloud-v1.onnx (+device-fp32); worst cosine server " in out
     assert "gate passed" in out and "edge-v1" in out and "gate FAILED: 'edge-v1' fails" in out
     manifest = Release.load(tmp_path / "release").manifest

@@ -102,9 +102,10 @@ def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndar
     return np.asarray(tops), np.asarray(kth)
 
 
-def fill(variant: Variant, data_dir: Path, vectors: np.ndarray, model_id: str) -> tuple[dict[str, Any], dict[int, int]]:
+def fill(variant: Variant, data_dir: Path, vectors: np.ndarray, model_id: str,
+         space: str) -> tuple[dict[str, Any], dict[int, int]]:
     """Write `vectors` through the backend's add path; returns the figures and photo id -> row number."""
-    from server.settings import ACTIVE_MODEL_KEY
+    from server.service import start_gallery
     from server.store import IndexSpec, NewPhoto
     from server.store.backends import GalleryLocation, open_gallery
 
@@ -113,7 +114,7 @@ def fill(variant: Variant, data_dir: Path, vectors: np.ndarray, model_id: str) -
                            IndexSpec(variant.index), keep_bytes=False)
     rows: dict[int, int] = {}
     try:
-        gallery.set_setting(ACTIVE_MODEL_KEY, model_id)
+        start_gallery(gallery, space, model_id)
         opened = time.perf_counter()
         for first in range(0, len(vectors), BATCH):
             batch = range(first, min(len(vectors), first + BATCH))
@@ -150,12 +151,14 @@ def _index_ready(gallery: Any) -> float:
 def compare(release: Path, vectors: np.ndarray, queries: np.ndarray, model_id: str, k: int, chosen: list[Variant],
             work: Path, milvus_pgid: int | None) -> dict[str, Any]:
     """Fill every backend, serve each, time interleaved API searches, measure recall@k and memory."""
+    from models.manifest import Manifest
     from server.bench.driver import Server
 
+    space = Manifest.load(release).model(model_id).space
     exact, kth = exact_top(vectors, queries, k)
     filled = {}
     for variant in chosen:
-        filled[variant.name] = fill(variant, work / variant.name, vectors, model_id)
+        filled[variant.name] = fill(variant, work / variant.name, vectors, model_id, space)
         print(f"backends {len(vectors):,} {variant.name}: {filled[variant.name][0]['vectors_per_s']:,.0f} vectors/s "
               f"ingest", flush=True)
     servers = {v.name: Server(release, work / v.name, work / f"server-{v.name}.log", model=model_id,

@@ -26,12 +26,12 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def build_store(data_dir: Path, vectors: np.ndarray, model_id: str, active_model: str) -> dict[str, Any]:
+def build_store(data_dir: Path, vectors: np.ndarray, model_id: str, active_model: str, space: str) -> dict[str, Any]:
     """A store in `data_dir/gallery` (the server's layout) holding `vectors` made by `model_id`, ids 1..n.
 
     An existing folder is replaced. Returns how long the writes took and the bytes on disk.
     """
-    from server.settings import ACTIVE_MODEL_KEY
+    from server.service import start_gallery
     from server.store import GalleryStore, NewPhoto
 
     if data_dir.exists():
@@ -40,7 +40,7 @@ def build_store(data_dir: Path, vectors: np.ndarray, model_id: str, active_model
     start = time.perf_counter()
     store = GalleryStore(folder, dim=vectors.shape[1], keep_bytes=False)
     try:
-        store.set_setting(ACTIVE_MODEL_KEY, active_model)
+        start_gallery(store, space, active_model)
         for first in range(0, len(vectors), BATCH):
             rows = range(first, min(len(vectors), first + BATCH))
             store.add([NewPhoto(hashlib.sha256(f"bench-vector-{i}".encode()).hexdigest(), vectors[i], model_id,

@@ -32,7 +32,7 @@ from models.benchmark.report import header, shown_path, write_json
 from models.manifest import Manifest
 from models.release import resolve_release
 from server.bench.driver import Server
-from server.settings import ACTIVE_MODEL_KEY
+from server.service import start_gallery
 
 DEFAULT_OUT = Path("reports/bench")
 CLIENTS = (1, 8, 32)
@@ -83,7 +83,7 @@ def build_gallery(folder: Path, manifest: Manifest, count: int, batch: int = 500
     cloud = manifest.newest("cloud")
     vectors = unit_vectors(count, cloud.dim, seed=1)
     with GalleryStore(folder / "gallery", dim=cloud.dim) as store:
-        store.set_setting(ACTIVE_MODEL_KEY, cloud.id)
+        start_gallery(store, cloud.space, cloud.id)
         for first in range(0, count, batch):
             store.add([NewPhoto(f"{i:064x}", vectors[i], cloud.id, {"n": i, "album": f"a{i % 10}"})
                        for i in range(first, min(count, first + batch))])

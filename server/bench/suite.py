@@ -217,6 +217,13 @@ def _release_dim(release: Path) -> int:
     return Manifest.load(release).model(old).dim
 
 
+def _release_space(release: Path) -> str:
+    from models.manifest import Manifest
+
+    old, _ = _cloud_models(release)
+    return Manifest.load(release).model(old).space
+
+
 def _store_mixture(plan: Plan, sources: Sources, dim: int) -> Mixture:
     """Vectors for stores of another dim than the search benchmark's (a test release): the seeded mixture."""
     return seeded_mixture(dim, plan.components, sources.seed)
@@ -236,11 +243,12 @@ def _ensure_store(plan: Plan, sources: Sources, size: int,
     old, _ = _cloud_models(sources.release)
     folder = _store_dir(sources, size)
     marker = folder / "bench.json"
-    key = {"vectors": size, "dim": _release_dim(sources.release), "model": old, "seed": sources.seed}
+    space = _release_space(sources.release)
+    key = {"vectors": size, "dim": _release_dim(sources.release), "space": space, "model": old, "seed": sources.seed}
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
         return dict(json.loads(marker.read_text())["store"])
     vectors, note = make()
-    store = {**build_store(folder, vectors, old, old), "vectors_source": note}
+    store = {**build_store(folder, vectors, old, old, space), "vectors_source": note}
     marker.write_text(json.dumps({"key": key, "store": store}))
     return store
 
