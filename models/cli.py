@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("training.cli", "Cache frozen trunk features of the benchmark photos (speeds up training)."),
     "train": ("training.cli", "Train one model from an experiment config."),
     "evaluate": ("training.cli", "Evaluate trained models: compatibility matrix, ECC, NFR, mixed gallery."),
+    "evaluate-release": ("training.cli", "Measure a release's ONNX files on the open-world photos (its Caltech "
+                                         "figures are in its manifest)."),
     "benchmark": ("training.cli", "Run the whole benchmark: train every model, then evaluate (resumable)."),
     "fingerprint": ("training.cli", "Fit the space's photo fingerprint (used for near-duplicate search)."),
     "export": ("training.cli", "Export checkpoints to a release folder of ONNX files with a manifest."),

@@ -75,3 +75,27 @@ def test_leave_one_out_across_two_models_drops_the_shared_photo() -> None:
     assert result.overall.recall_at_1 == 0.5
     with pytest.raises(ValueError, match="one query per gallery photo"):
         ranked_relevance(gallery[:3], gallery, labels[:3], labels, exclude_self=True)
+
+
+def test_a_release_is_measured_on_the_open_world_photos_as_it_ships(tiny_release: Path, tmp_path: Path) -> None:
+    """`concord evaluate-release`: the release's own ONNX files encode every eval photo; the report judges only
+    pairs of models the release holds (no baselines) and a second run reads the cached embeddings."""
+    import json
+
+    from training.benchmark import open_world_protocol
+    from training.evaluate.release import evaluate_release
+
+    root = make_open_world(tmp_path / "world", pool=2, evaluation=3, photos=4)
+    written = evaluate_release(tiny_release, open_world_protocol(), tmp_path / "out", tmp_path / "cache", root)
+    report = json.loads(written["json"].read_text())
+    assert report["data"]["queries"] == 12 and report["data"]["leave_one_out"] is True
+    pairs = {(row["query"], row["gallery"]) for row in report["matrix"]}
+    assert ("cloud-v2", "cloud-v1") in pairs and ("edge-v2", "cloud-v2") in pairs
+    assert all("independent" not in q and "l2" not in g for q, g in pairs), "a release ships no baselines"
+    assert [u["new"] for u in report["upgrades"]] == ["cloud-v2", "edge-v2"]
+    assert all(0.0 <= row["overall"]["recall@1"] <= 1.0 for row in report["matrix"])
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(cached) == 4
+    again = evaluate_release(tiny_release, open_world_protocol(), tmp_path / "again", tmp_path / "cache", root)
+    assert json.loads(again["json"].read_text())["matrix"] == report["matrix"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached

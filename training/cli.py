@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from models.cli import fail
+
 app = typer.Typer(help="Train, evaluate and export Concord models.", no_args_is_help=True)
 
 DataOpt = Annotated[Path | None, typer.Option("--data", help="Caltech-101 folder (default: $CONCORD_DATA or "
@@ -48,6 +50,28 @@ def evaluate(data: DataOpt = None, cache_dir: CacheOpt = Path("cache"), runs: Ru
 
     report = evaluate_recipe(RECIPE, data, Paths(cache_dir, runs, out))
     typer.echo(report)
+
+
+@app.command("evaluate-release")
+def evaluate_release(
+    release: Annotated[Path | None, typer.Option(help="Release folder (default: the release shipped in the "
+                                                 "package).")] = None,
+    open_data: Annotated[Path | None, typer.Option(help="Open-world folder (default: $CONCORD_OPEN_DATA or "
+                                                   "../shared/datasets/tinyimagenet_open).")] = None,
+    cache_dir: CacheOpt = Path("cache"),
+    out: ReportOpt = Path("reports/release"),
+) -> None:
+    """The release's compatibility on photos of categories it never trained on: its ONNX files as they ship
+    encode the open-world eval photos; writes OUT/tinyimagenet_open.{json,md} and heatmaps."""
+    from models.release import resolve_release
+    from training.benchmark import open_world_protocol
+    from training.evaluate.release import evaluate_release as run
+
+    try:
+        written = run(resolve_release(release), open_world_protocol(), out, cache_dir / "release-eval", open_data)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    typer.echo(written["markdown"].read_text())
 
 
 @app.command()
@@ -96,17 +120,13 @@ def export(
 
 
 def _reports(paths: list[Path] | None) -> dict[str, Any] | None:
-    """The evaluation reports in the manifest's form: the first one's figures, the others under "benchmarks"."""
-    from training.evaluate import manifest_metrics
-    from training.export import ExportError, load_report
+    """The evaluation reports as export takes them: the first one, the others under "benchmarks"."""
+    from training.export import load_report
 
     if not paths:
         return None
-    loaded = [load_report(p) for p in paths]
-    try:
-        return manifest_metrics(*loaded)
-    except (KeyError, TypeError) as err:
-        raise ExportError(f"an evaluation report's matrix rows lack {err}") from None
+    first, *more = [load_report(p) for p in paths]
+    return {**first, "benchmarks": more} if more else first
 
 
 def _export_photos(folder: Path | None, data: Path | None, count: int) -> list[Path]:
