@@ -19,10 +19,11 @@ from starlette.responses import Response
 
 from server.api import router
 from server.api.schemas import validation_message
+from server.contract import ServiceError
 from server.docs import add_docs
 from server.metrics import Metrics, RequestMetrics
 from server.security import AuthError, BodyLimit
-from server.service import Service, ServiceError
+from server.service import Service
 from server.settings import Settings
 from server.web import router as web_router
 

@@ -70,10 +70,10 @@ def serve(
     from models.manifest import ManifestError
     from models.release import ReleaseError
     from server.app import create_app
-    from server.service import check_store_fits
+    from server.opening import check_store_fits
     from server.settings import Settings, SettingsError
     from server.store import store_held
-    from server.store.milvus import MilvusUnavailable
+    from server.store.milvus_client import MilvusUnavailable
 
     try:
         settings = Settings.from_env(release=release, data_dir=data_dir, host=host, port=port, api_key=api_key,

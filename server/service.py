@@ -12,7 +12,7 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,117 +22,34 @@ from PIL import Image
 from models.gate import check_gate
 from models.lineage import explain_incompatible, searchable_galleries
 from models.manifest import Manifest, ModelEntry
-from models.match import MATCHES, Match, query_vectors
-from models.preprocess import MAX_PIXELS, ImageError, load_image, preprocess
+from models.match import MATCHES, query_vectors
+from models.preprocess import preprocess
 from models.release import Release
+from server.contract import (
+    Added,
+    Conflict,
+    Limits,
+    NotFound,
+    SearchAnswer,
+    SearchQuery,
+    TooLarge,
+    Unprocessable,
+    Upload,
+    check_format,
+    check_vector,
+    decode_photo,
+)
 from server.metrics import Metrics
-from server.security import ACCEPTED, sniff_image
-from server.settings import ACTIVE_MODEL_KEY, LEGACY_SPACE, SPACE_KEY, Settings
+from server.opening import cloud_entry, gallery_name, keep_to_one_space, newest_cloud
+from server.security import sniff_image
+from server.settings import ACTIVE_MODEL_KEY, Settings
 from server.store import Gallery, Hit, IndexSpec, NewPhoto, PhotoRecord
-from server.store import check_vector as store_check_vector
-from server.store.backends import GalleryLocation, gallery_dim, open_gallery
-from server.store.catalogue import recorded_setting
+from server.store.backends import GalleryLocation, open_gallery
 from server.vector_index import set_search_threads
 
 log = logging.getLogger("concord.server")
-MAX_K = 100
-"""Most hits in one answer: with metadata capped per photo (`Limits.max_metadata_bytes`) an answer stays under
-about k x (cap + 300 bytes), 0.5 MB at the defaults (k=1000 once answered 18 MB)."""
-MAX_OFFSET = 100_000
 ENCODE_BATCH = 16
 """Photos decoded, preprocessed and encoded together: only their small model inputs are held at once."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may cost: decoded pixels (CPU), metadata bytes per photo, concurrent decodes (memory)."""
-
-    max_request_pixels: int = 512_000_000
-    """Pixels of all new photos of one upload, by their headers (16 photos of 32 MP); more gets 413."""
-    max_photo_pixels: int = MAX_PIXELS
-    """Pixels of one photo (the decompression-bomb guard); more gets 422."""
-    max_metadata_bytes: int = 4096
-    """JSON size of one photo's metadata; larger gets 413 (a request stores at most files x this)."""
-    decode_slots: int = 2
-    """Photos decoded at once in the whole process: each may take ~170 MB at the pixel guard, so the decoded
-    pixels of all requests together stay under decode_slots x 170 MB."""
-
-
-class ServiceError(Exception):
-    """A request the service refuses; `status` is its HTTP code, `extra` goes into the JSON answer."""
-
-    status = 400
-
-    def __init__(self, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.message = message
-        self.extra = extra
-
-
-class NotFound(ServiceError):
-    status = 404
-
-
-class Conflict(ServiceError):
-    """The request cannot be served by this release or gallery (unknown or incompatible model, failed gate)."""
-
-    status = 409
-
-
-class UnsupportedMedia(ServiceError):
-    status = 415
-
-
-class TooLarge(ServiceError):
-    """A request within the body limit whose photos or metadata are over another limit."""
-
-    status = 413
-
-
-class Unprocessable(ServiceError):
-    status = 422
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One uploaded photo: the name the client gave, its bytes and its metadata."""
-
-    filename: str
-    data: bytes
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Added:
-    """What became of one uploaded photo: its id, the model of its vector, whether it was stored already."""
-
-    id: int
-    model_id: str
-    duplicate: bool
-    content_hash: str
-
-
-@dataclass(frozen=True)
-class SearchQuery:
-    """Paging and filters of a search: metadata equality (`where`), a date-added range (unix seconds), and how the
-    query matches (`similar`: what the photo shows; `duplicate`: the same photo, see `models.match`)."""
-
-    k: int = 10
-    offset: int = 0
-    where: dict[str, Any] | None = None
-    added_after: float | None = None
-    added_before: float | None = None
-    match: Match = "similar"
-
-
-@dataclass(frozen=True)
-class SearchAnswer:
-    """Hits, best first, and which gallery models the query model searched or had to skip (with why)."""
-
-    query_model: str
-    searched: list[str]
-    skipped: dict[str, str]
-    hits: list[Hit]
 
 
 class Service:
@@ -162,7 +79,7 @@ class Service:
         set_search_threads(settings.faiss_threads)
         manifest = release.manifest
         wanted = settings.model or newest_cloud(manifest)
-        entry = _cloud_entry(manifest, wanted, "CONCORD_MODEL")
+        entry = cloud_entry(manifest, wanted, "CONCORD_MODEL")
         data_dir = Path(settings.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         store = open_gallery(GalleryLocation.parse(settings.gallery), data_dir, entry.dim, IndexSpec(settings.index),
@@ -426,11 +343,7 @@ class Service:
 
     def _check_photo(self, data: bytes, name: str) -> int:
         """A photo's pixel count by its header, decoding nothing: 415 no image format, 422 unreadable or a bomb."""
-        if not data:
-            raise Unprocessable(f"{name}: the file is empty")
-        if sniff_image(data) is None:
-            raise UnsupportedMedia(f"{name}: not a photo; its bytes are no {ACCEPTED} (judged by content, not by "
-                                   f"the claimed type)")
+        check_format(data, name)
         try:
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
@@ -461,96 +374,5 @@ class Service:
         return np.concatenate(chunks)
 
 
-def check_store_fits(settings: Settings) -> None:
-    """Refuse, before anything loads, a store made for vectors of another dim or (embedded) space than the
-    release's; a Milvus gallery's space is checked when it opens."""
-    manifest = Manifest.load(settings.release)
-    entry = _cloud_entry(manifest, settings.model or newest_cloud(manifest), "CONCORD_MODEL")
-    stored = gallery_dim(GalleryLocation.parse(settings.gallery), Path(settings.data_dir), settings.milvus_token or "",
-                         settings.milvus_timeout)
-    if stored is not None and stored != entry.dim:
-        raise ValueError(f"the {gallery_name(settings)} holds {stored}-dim vectors, but release "
-                         f"{settings.release} embeds into {entry.dim} dims (space {entry.space!r}): serve that store "
-                         f"with the release that made it, or give this release its own --data-dir / CONCORD_DATA_DIR")
-    if GalleryLocation.parse(settings.gallery).kind == "embedded":
-        used, recorded = recorded_setting(Path(settings.data_dir) / "gallery", SPACE_KEY)
-        _check_space(recorded or (LEGACY_SPACE if used else None), entry, gallery_name(settings), settings.release)
-
-
-def start_gallery(store: Gallery, space: str, model_id: str) -> None:
-    """Record in a new gallery what a release's first start records: its vectors' space and the indexing model
-    (benchmarks that fill a store directly call it, so that `concord serve` opens it as its own)."""
-    store.set_setting(SPACE_KEY, space)
-    store.set_setting(ACTIVE_MODEL_KEY, model_id)
-
-
-def keep_to_one_space(store: Gallery, entry: ModelEntry, name: str, release: object) -> None:
-    """Refuse a gallery whose vectors are of another space than `entry`'s (a gallery that holds vectors but
-    recorded no space is LEGACY_SPACE's); record the space in a gallery that has none yet."""
-    recorded = store.get_setting(SPACE_KEY)
-    used = len(store) > 0 or store.get_setting(ACTIVE_MODEL_KEY) is not None
-    _check_space(recorded or (LEGACY_SPACE if used else None), entry, name, release)
-    if recorded is None:
-        store.set_setting(SPACE_KEY, entry.space)
-
-
-def _check_space(stored: str | None, entry: ModelEntry, name: str, release: object) -> None:
-    if stored is not None and stored != entry.space:
-        raise ValueError(f"the {name} holds vectors of space {stored!r}, but release {release} embeds into space "
-                         f"{entry.space!r}: vectors of two spaces cannot be compared; serve that store with the "
-                         f"release that made it, or give this release its own --data-dir / CONCORD_DATA_DIR")
-
-
-def gallery_name(settings: Settings) -> str:
-    """The gallery as a message names it: the data folder for the embedded store, else the Milvus location."""
-    location = GalleryLocation.parse(settings.gallery)
-    return f"store in {settings.data_dir}" if location.kind == "embedded" else f"Milvus gallery {location}"
-
-
-def newest_cloud(manifest: Manifest) -> str:
-    """The cloud model of highest version: what a new store indexes with unless told otherwise."""
-    if not manifest.of_role("cloud"):
-        raise ValueError(f"release {manifest.release!r} holds no cloud model to index photos with")
-    return manifest.newest("cloud").id
-
-
-def _cloud_entry(manifest: Manifest, model_id: str, setting: str) -> ModelEntry:
-    if model_id not in manifest.models:
-        raise ValueError(f"{setting}: unknown model {model_id!r}; the release holds {sorted(manifest.models)}")
-    entry = manifest.model(model_id)
-    if entry.role != "cloud":
-        raise ValueError(f"{setting}: {model_id!r} is an {entry.role} model; photos are indexed by a cloud model")
-    return entry
-
-
 def _name(upload: Upload, index: int) -> str:
     return f"file #{index} ({upload.filename!r})" if upload.filename else f"file #{index}"
-
-
-def decode_photo(data: bytes, name: str) -> Image.Image:
-    """Check a photo by its bytes (415 when it is no image format) and decode it (422 when it cannot be)."""
-    if not data:
-        raise Unprocessable(f"{name}: the file is empty")
-    if sniff_image(data) is None:
-        raise UnsupportedMedia(f"{name}: not a photo; its bytes are no {ACCEPTED} (judged by content, not by the "
-                               f"claimed type)")
-    try:
-        return load_image(data)
-    except ImageError as err:
-        message = str(err).removeprefix("photo: ")
-        raise Unprocessable(f"{name}: {message}") from None
-
-
-def check_vector(values: list[float] | np.ndarray, entry: ModelEntry) -> np.ndarray:
-    """A query embedding as float32 [dim], refused (422) unless it has the model's dim, is finite and unit norm."""
-    try:
-        vector = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise Unprocessable("the vector must be a list of numbers") from None
-    if vector.ndim != 1 or vector.shape[0] != entry.dim:
-        size = vector.shape[0] if vector.ndim == 1 else f"shape {list(vector.shape)}"
-        raise Unprocessable(f"the vector has {size} values; model {entry.id!r} embeds into {entry.dim} dimensions")
-    try:
-        return store_check_vector(vector, entry.dim, "the vector")  # finite, unit norm within NORM_TOLERANCE
-    except ValueError as err:
-        raise Unprocessable(str(err)) from None

@@ -115,7 +115,8 @@ def test_a_gallery_keeps_to_one_space(tiny_release: Path, tmp_path: Path) -> Non
     """A gallery records the space of its vectors; one of another space (or an older release's, which recorded
     none) is refused in one line before anything loads and again when it opens, and is left as it was."""
     from models.manifest import Manifest
-    from server.service import Service, check_store_fits
+    from server.opening import check_store_fits
+    from server.service import Service
     from server.settings import ACTIVE_MODEL_KEY, LEGACY_SPACE, SPACE_KEY
     from server.store import GalleryStore
 

@@ -14,8 +14,9 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from pydantic import TypeAdapter, ValidationError
 
 from server.api.schemas import INT64, MAX_JSON_DEPTH, Filter, Scalar, validation_message
+from server.contract import ServiceError, TooLarge, Unprocessable
 from server.security import check_key
-from server.service import Service, ServiceError, TooLarge, Unprocessable
+from server.service import Service
 from server.settings import Settings
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The server's API key.")

@@ -40,7 +40,7 @@ from server.api.schemas import (
     search_response,
     to_time,
 )
-from server.service import MAX_K, MAX_OFFSET, SearchQuery, Unprocessable, Upload
+from server.contract import MAX_K, MAX_OFFSET, SearchQuery, Unprocessable, Upload
 
 router = APIRouter(prefix="/v1")
 PhotoPath = Annotated[int, Path(ge=0, le=INT64 - 1, description="A photo id (a non-negative 64-bit integer).")]

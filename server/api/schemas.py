@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from models.match import Match
-from server.service import MAX_K, MAX_OFFSET, SearchAnswer, SearchQuery
+from server.contract import MAX_K, MAX_OFFSET, SearchAnswer, SearchQuery
 
 INT64 = 2**63
 MAX_JSON_DEPTH = 8

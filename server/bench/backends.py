@@ -105,7 +105,7 @@ def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndar
 def fill(variant: Variant, data_dir: Path, vectors: np.ndarray, model_id: str,
          space: str) -> tuple[dict[str, Any], dict[int, int]]:
     """Write `vectors` through the backend's add path; returns the figures and photo id -> row number."""
-    from server.service import start_gallery
+    from server.opening import start_gallery
     from server.store import IndexSpec, NewPhoto
     from server.store.backends import GalleryLocation, open_gallery
 
@@ -248,7 +248,7 @@ def run_backends(release: Path, sizes: tuple[int, ...], mixture: Any, query_coun
 
 def _drop(uri: str, collection: str) -> None:
     """Drop a previous size's benchmark collections from the standalone server."""
-    from server.store.milvus import connect
+    from server.store.milvus_client import connect
 
     client = connect(uri)
     try:
@@ -264,9 +264,9 @@ def run_part(plan: Any, sources: Any) -> dict[str, Any]:
     `<out>/backends.md` beside the JSON the suite writes."""
     from models.benchmark.report import write_text
     from server.bench.data import mixture_for
-    from server.bench.suite import _release_dim, report_head
+    from server.bench.suite import old_cloud, report_head
 
-    dim = _release_dim(sources.release)
+    dim = old_cloud(sources.release).dim
     mixture = mixture_for(dim, plan.components, sources.seed, sources.embeddings)
     result = report_head(plan, sources)
     if sys.argv[0] in ("-c", "") or not result.get("command", "").startswith("concord"):

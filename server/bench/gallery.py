@@ -31,7 +31,7 @@ def build_store(data_dir: Path, vectors: np.ndarray, model_id: str, active_model
 
     An existing folder is replaced. Returns how long the writes took and the bytes on disk.
     """
-    from server.service import start_gallery
+    from server.opening import start_gallery
     from server.store import GalleryStore, NewPhoto
 
     if data_dir.exists():

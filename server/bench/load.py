@@ -32,7 +32,7 @@ from models.benchmark.report import header, shown_path, write_json
 from models.manifest import Manifest
 from models.release import resolve_release
 from server.bench.driver import Server
-from server.service import start_gallery
+from server.opening import start_gallery
 
 DEFAULT_OUT = Path("reports/bench")
 CLIENTS = (1, 8, 32)

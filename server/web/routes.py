@@ -16,7 +16,8 @@ from models.manifest import ModelEntry
 from models.release import ReleaseError
 from server.api.deps import get_service, require_read_key
 from server.api.schemas import ErrorOut, PhotoOut, errors, photo_out
-from server.service import NotFound, Service, ServiceError
+from server.contract import NotFound, ServiceError
+from server.service import Service
 from server.web.assets import find_ort, media_type, ort_file, static_file
 
 ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp",
