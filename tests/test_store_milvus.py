@@ -19,7 +19,8 @@ import pytest
 from server.store import GalleryStore, Hit, IndexSpec, NewPhoto
 from server.store.backends import GalleryLocation, open_gallery
 from server.store.migrate import migrate
-from server.store.milvus import MilvusGallery, MilvusUnavailable, connect, hash_ids
+from server.store.milvus import MilvusGallery, hash_ids
+from server.store.milvus_client import MilvusUnavailable, connect
 from tests.server_helpers import concord_command, free_port
 
 DIM = 16

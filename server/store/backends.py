@@ -88,7 +88,7 @@ def gallery_dim(location: GalleryLocation, data_dir: Path, token: str = "", time
         return recorded_dim(Path(data_dir) / "gallery")
     if location.kind == "milvus-lite" and not Path(location.uri).exists():
         return None
-    from server.store.milvus import collection_dim, connect, release_lite
+    from server.store.milvus_client import collection_dim, connect, release_lite
 
     client = connect(location.uri, token, timeout)
     try:

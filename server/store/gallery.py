@@ -48,6 +48,7 @@ from server.store.records import (
     check_paging,
     check_setting,
     check_vector,
+    in_upload_order,
     prepare,
     wanted_models,
 )
@@ -186,14 +187,7 @@ class GalleryStore:
                     fresh.append(p)
             if fresh:
                 self._insert(fresh, known)
-            results, first = [], set()
-            for p in prepared:
-                result = known[p.content_hash]
-                if p.content_hash in first and not result.duplicate:
-                    result = AddResult(result.id, result.model_id, True)
-                first.add(p.content_hash)
-                results.append(result)
-            return results
+            return in_upload_order(prepared, known)
 
     def _insert(self, fresh: list[Prepared], known: dict[str, AddResult]) -> None:
         """Write bytes, commit the rows, then add to FAISS (the caller holds the write lock)."""

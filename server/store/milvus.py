@@ -28,6 +28,14 @@ from typing import Any
 import numpy as np
 
 from server.store.blobs import BlobStore
+from server.store.milvus_client import (
+    MilvusUnavailable,
+    connect,
+    ensure_collections,
+    literal,
+    milvus_index,
+    release_lite,
+)
 from server.store.records import (
     AddResult,
     Hit,
@@ -39,6 +47,7 @@ from server.store.records import (
     check_times,
     check_vector,
     check_where,
+    in_upload_order,
     metadata_matches,
     prepare,
     wanted_models,
@@ -57,30 +66,9 @@ FIELDS = ["id", "content_hash", "model_id", "metadata", "added_at", "has_bytes"]
 MODEL_PREFIX = "model:"
 
 
-class MilvusUnavailable(RuntimeError):
-    """Milvus cannot be reached or did not answer; the message says where and what to do."""
-
-
 def hash_ids(content_hash: str) -> list[int]:
     """Candidate ids of a photo, from its sha256: four 52-bit slices, tried in order (a slice of 0 is skipped)."""
     return [v for i in range(4) if (v := int(content_hash[i * 13:(i + 1) * 13], 16))]
-
-
-def milvus_index(spec: IndexSpec) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Milvus index and search parameters for a gallery index spec: flat -> FLAT, hnsw -> HNSW, ivf -> IVF_FLAT."""
-    if spec.kind == "hnsw":
-        return ({"index_type": "HNSW", "params": {"M": spec.get("M"), "efConstruction": spec.get("ef_construction")}},
-                {"ef": spec.get("ef_search")})
-    if spec.kind == "ivf":
-        return {"index_type": "IVF_FLAT", "params": {"nlist": spec.get("nlist")}}, {"nprobe": spec.get("nprobe")}
-    return {"index_type": "FLAT", "params": {}}, {}
-
-
-def _literal(value: Any) -> str:
-    """A Milvus expression literal for a JSON value (strings quoted and escaped as JSON does)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return json.dumps(value)
 
 
 class MilvusGallery:
@@ -105,7 +93,7 @@ class MilvusGallery:
         self._client = connect(uri, token, connect_timeout)
         self._search_params = milvus_index(self.spec)[1]
         try:
-            self._ensure_collections()
+            ensure_collections(self._client, uri, collection, self.settings_collection, dim, self.spec)
             self._blobs = BlobStore(photos)
         except BaseException:
             self._client.close()
@@ -114,43 +102,6 @@ class MilvusGallery:
         self.orphans_removed = self._blobs.remove_orphans(self._kept_hashes, older_than=ORPHAN_AGE)
 
     # ----- opening ---------------------------------------------------------------------------------------------
-
-    def _ensure_collections(self) -> None:
-        from pymilvus import DataType
-
-        client = self._client
-        if client.has_collection(self.collection):
-            stored = collection_dim(client, self.collection)
-            if stored != self.dim:
-                raise ValueError(f"Milvus collection {self.collection!r} at {self.uri} holds {stored}-dim vectors; "
-                                 f"this release embeds into {self.dim} (a model of another dim needs its own "
-                                 f"collection)")
-        else:
-            schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.INT64, is_primary=True)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-            schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
-            schema.add_field("model_id", DataType.VARCHAR, max_length=512)
-            schema.add_field("metadata", DataType.JSON)
-            schema.add_field("added_at", DataType.DOUBLE)
-            schema.add_field("has_bytes", DataType.BOOL)
-            params = client.prepare_index_params()
-            index, _ = milvus_index(self.spec)
-            params.add_index("vector", metric_type="IP", **index)
-            client.create_collection(self.collection, schema=schema, index_params=params, consistency_level="Strong")
-            log.info("created Milvus collection %r at %s (%d dims, %s index)", self.collection, self.uri, self.dim,
-                     index["index_type"])
-        if not client.has_collection(self.settings_collection):
-            schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=512)
-            schema.add_field("value", DataType.VARCHAR, max_length=65535)
-            schema.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field per collection
-            params = client.prepare_index_params()
-            params.add_index("dummy", index_type="FLAT", metric_type="L2")
-            client.create_collection(self.settings_collection, schema=schema, index_params=params,
-                                     consistency_level="Strong")
-        client.load_collection(self.collection)
-        client.load_collection(self.settings_collection)
 
     def _kept_hashes(self, shard: str) -> set[str]:
         rows = self._query(f'content_hash like "{shard}%" and has_bytes == true', ["content_hash"])
@@ -223,14 +174,7 @@ class MilvusGallery:
                 ids = self._allocate(list(fresh))
                 self._write(list(fresh.values()), ids)
                 known.update({h: AddResult(ids[h], p.model_id, False) for h, p in fresh.items()})
-            results, first = [], set()
-            for p in prepared:
-                result = known[p.content_hash]
-                if p.content_hash in first and not result.duplicate:
-                    result = AddResult(result.id, result.model_id, True)
-                first.add(p.content_hash)
-                results.append(result)
-            return results
+            return in_upload_order(prepared, known)
 
     def _allocate(self, hashes: list[str]) -> dict[str, int]:
         """An id per new hash: its first candidate no other photo holds (collisions of 52 bits are rare)."""
@@ -419,7 +363,7 @@ class MilvusGallery:
             parts.append(f"added_at < {high!r}")
         for key, value in where.items():
             if value is not None:
-                parts.append(f"metadata[{json.dumps(key)}] == {_literal(value)}")
+                parts.append(f"metadata[{json.dumps(key)}] == {literal(value)}")
         return " and ".join(parts)
 
     # ----- closing -----------------------------------------------------------------------------------------
@@ -446,47 +390,3 @@ class MilvusGallery:
         self.close()
 
 
-def connect(uri: str, token: str = "", timeout: float = 60.0) -> Any:
-    """A MilvusClient for `uri`, retrying until `timeout` (each failed try is logged); MilvusUnavailable after."""
-    try:
-        from pymilvus import MilvusClient
-        from pymilvus.exceptions import MilvusException
-    except ImportError:
-        raise MilvusUnavailable("the Milvus gallery needs pymilvus (and milvus-lite for a local .db): "
-                                "pip install 'concord[milvus]'") from None
-    deadline = time.monotonic() + timeout
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            client = MilvusClient(uri=uri, token=token, timeout=min(10.0, max(1.0, timeout)))
-            client.list_collections()
-            if attempt > 1:
-                log.warning("Milvus at %s answered after %d attempts", uri, attempt)
-            return client
-        except (MilvusException, OSError, RuntimeError) as err:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise MilvusUnavailable(f"cannot reach Milvus at {uri} after {attempt} attempts in {timeout:.0f} s "
-                                        f"({str(err).strip()[:200]}): start Milvus there, or pass another "
-                                        f"--gallery / CONCORD_GALLERY") from None
-            log.warning("Milvus at %s is not answering (attempt %d: %s); retrying for %.0f s more", uri, attempt,
-                        str(err).strip()[:200], left)
-            time.sleep(min(2.0, max(0.1, left)))
-
-
-def release_lite(uri: str) -> None:
-    """Stop this process's Milvus Lite engine of a `.db` file, dropping its file lock (other URIs: nothing)."""
-    if not uri.endswith(".db"):
-        return
-    from milvus_lite.server_manager import server_manager_instance
-
-    server_manager_instance.release_server(uri)
-
-
-def collection_dim(client: Any, collection: str) -> int | None:
-    """The vector dim of a collection, or None when it has no vector field named `vector`."""
-    for field in client.describe_collection(collection)["fields"]:
-        if field["name"] == "vector":
-            return int(field["params"]["dim"])
-    return None

@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,3 +204,16 @@ def metadata_matches(metadata: Mapping[str, Any], where: Mapping[str, Any]) -> b
         elif not isinstance(have, str) or have != value:
             return False
     return True
+
+
+def in_upload_order(prepared: Sequence[Prepared], known: Mapping[str, AddResult]) -> list[AddResult]:
+    """The answer of an add, one result per photo in the order given: a photo that came twice in one batch is a
+    duplicate the second time (both backends answer so)."""
+    results, first = [], set()
+    for p in prepared:
+        result = known[p.content_hash]
+        if p.content_hash in first and not result.duplicate:
+            result = AddResult(result.id, result.model_id, True)
+        first.add(p.content_hash)
+        results.append(result)
+    return results
