@@ -1,13 +1,12 @@
 """`concord bench`: how fast Concord searches and encodes, and what an upgrade costs with and without re-indexing.
 
-Three parts, each writing `<out>/<part>.json`; every run then rewrites `<out>/summary.md` (and the PNG plots)
-from the part reports present:
+Parts, each writing `<out>/<part>.json` (then `<out>/summary.md` and the plots from the reports present):
 - search: latency p50/p99, QPS and recall@10 of flat, HNSW and IVF FAISS indexes at each gallery size, their
   memory, and batch-1 search through the HTTP API against a bare FAISS call on the same vectors;
 - encode: cloud photos/s at batch 16 with decoding (the ingest bound), edge batch-1 latency (fp32, int8),
   ingest photos/s through `POST /v1/photos` against the bare encoder;
 - upgrade: time to make the new cloud model active at each gallery size against a full backfill's time, and
-  the evaluation's mixed-gallery curve (partial backfill).
+  the evaluation's mixed-gallery curve (partial backfill); `backends` (run alone): `server.bench.backends`.
 Figures are medians (and percentiles) of interleaved runs; nothing here asserts a speed.
 """
 
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from models.benchmark.report import header, shown_path, write_json
+from models.manifest import ModelEntry
 from server.bench import summary as bench_summary
 from server.bench.data import DEFAULT_EMBEDDINGS, Mixture, mixture_for, seeded_mixture
 from server.bench.encode import EncodeConfig, default_photos
@@ -159,7 +159,7 @@ def _api_search(plan: Plan, sources: Sources, size: int, gallery: np.ndarray, qu
     from server.settings import Settings
 
     old, _ = _cloud_models(sources.release)
-    dim = _release_dim(sources.release)
+    dim = old_cloud(sources.release).dim
     if dim == gallery.shape[1]:
         vectors, note = gallery[:size], "the search benchmark's gallery vectors"
     else:
@@ -197,7 +197,6 @@ def _search_line(figures: dict[str, Any], k: int) -> str:
 
 
 # ----- stores shared by search (API) and upgrade ------------------------------------------------------------------
-
 def _cloud_models(release: Path) -> tuple[str, str]:
     from models.release import Release
     from server.bench.upgrade import cloud_pair
@@ -207,21 +206,14 @@ def _cloud_models(release: Path) -> tuple[str, str]:
 
 def search_dim(plan: Plan, sources: Sources) -> int:
     """The search benchmark's dim: the plan's when set, else the release's."""
-    return plan.dim or _release_dim(sources.release)
+    return plan.dim or old_cloud(sources.release).dim
 
 
-def _release_dim(release: Path) -> int:
+def old_cloud(release: Path) -> ModelEntry:
+    """The manifest entry of the cloud model the benchmark's stores are indexed by."""
     from models.manifest import Manifest
 
-    old, _ = _cloud_models(release)
-    return Manifest.load(release).model(old).dim
-
-
-def _release_space(release: Path) -> str:
-    from models.manifest import Manifest
-
-    old, _ = _cloud_models(release)
-    return Manifest.load(release).model(old).space
+    return Manifest.load(release).model(_cloud_models(release)[0])
 
 
 def _store_mixture(plan: Plan, sources: Sources, dim: int) -> Mixture:
@@ -243,8 +235,8 @@ def _ensure_store(plan: Plan, sources: Sources, size: int,
     old, _ = _cloud_models(sources.release)
     folder = _store_dir(sources, size)
     marker = folder / "bench.json"
-    space = _release_space(sources.release)
-    key = {"vectors": size, "dim": _release_dim(sources.release), "space": space, "model": old, "seed": sources.seed}
+    space = old_cloud(sources.release).space
+    key = {"vectors": size, "dim": old_cloud(sources.release).dim, "space": space, "model": old, "seed": sources.seed}
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
         return dict(json.loads(marker.read_text())["store"])
     vectors, note = make()
@@ -255,7 +247,7 @@ def _ensure_store(plan: Plan, sources: Sources, size: int,
 
 def _upgrade_vectors(plan: Plan, sources: Sources, size: int) -> tuple[np.ndarray, str]:
     """Vectors for an upgrade-only store: the search benchmark's mixture at the release's dim."""
-    dim = _release_dim(sources.release)
+    dim = old_cloud(sources.release).dim
     mixture = (mixture_for(dim, plan.components, sources.seed, sources.embeddings)
                if dim == search_dim(plan, sources) else _store_mixture(plan, sources, dim))
     return mixture.sample(size, sources.seed + 1), f"{dim}-d: {mixture.source}"
