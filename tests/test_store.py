@@ -1,19 +1,11 @@
-"""Gallery store: catalogue, dedupe, deletes, filtered and paged search, recovery from stale/missing/corrupt
-snapshots and from SIGKILLed writers, and concurrent use."""
+"""Gallery store: catalogue, dedupe, deletes, settings, filtered and paged search (recovery and concurrent use:
+test_store_recovery)."""
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import itertools
-import os
-import random
-import signal
-import sqlite3
 import subprocess
 import sys
-import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,43 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.store import AddResult, GalleryStore, Hit, IndexSpec, NewPhoto
-from server.vector_index import SnapshotError, VectorIndex, read_snapshot
-
-DIM = 16
-ROOT = Path(__file__).resolve().parent.parent
-KINDS = ["flat", "hnsw:M=8,ef_search=64", "ivf:nlist=4,nprobe=4,train_min=40"]
-
-
-def vector_for(content_hash: str) -> np.ndarray:
-    """A unit vector fixed by a content hash (the crash writer and the checks compute the same one)."""
-    rng = np.random.default_rng(int(content_hash[:16], 16))
-    v = rng.standard_normal(16)
-    return (v / np.linalg.norm(v)).astype(np.float32)
-
-
-def photo(name: str, model: str = "cloud-v1", metadata: dict[str, Any] | None = None,
-          data: bool = True) -> NewPhoto:
-    raw = name.encode()
-    h = hashlib.sha256(raw).hexdigest()
-    return NewPhoto(h, vector_for(h), model, metadata if metadata is not None else {"name": name},
-                    raw if data else None)
-
-
-def unit(seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal(DIM)
-    return (v / np.linalg.norm(v)).astype(np.float32)
-
-
-def exact(store: GalleryStore, ids: list[int], query: np.ndarray, k: int) -> list[int]:
-    """Brute-force ranking over the stored vectors of `ids` (ties by id), the reference for search."""
-    matrix = np.stack([vector_for(store.get(i).content_hash) for i in ids])  # type: ignore[union-attr]
-    scores = dict(zip(ids, (matrix @ query).tolist(), strict=True))
-    return sorted(ids, key=lambda i: (-scores[i], i))[:k]
-
-
-def hit_ids(hits: list[Hit]) -> list[int]:
-    return [h.id for h in hits]
+from server.store import AddResult, GalleryStore, IndexSpec, NewPhoto
+from tests.store_helpers import DIM, KINDS, ROOT, exact, files_under, fill, hit_ids, photo, unit
 
 
 @pytest.fixture
@@ -66,10 +23,6 @@ def store(tmp_path: Path) -> Iterator[GalleryStore]:
     s = GalleryStore(tmp_path / "gallery", DIM)
     yield s
     s.close()
-
-
-def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 # ----- catalogue ---------------------------------------------------------------------------------------------
@@ -212,15 +165,6 @@ def test_index_spec_parsing() -> None:
 
 
 # ----- search ------------------------------------------------------------------------------------------------
-
-def fill(store: GalleryStore, n: int, start: int = 0) -> list[int]:
-    """Add n photos (vectors and metadata; no bytes: writing those is tested apart, and fsyncs are slow)."""
-    photos = [photo(f"p{i}", "cloud-v1" if i % 3 else "cloud-v2",
-                    {"album": "odd" if i % 2 else "even", "n": i, "fav": i % 5 == 0}, data=False)
-              for i in range(start, start + n)]
-    return [r.id for r in store.add(photos)]
-
-
 def test_search_is_exact_and_pages(store: GalleryStore) -> None:
     ids = fill(store, 200)
     for seed in range(5):
@@ -322,253 +266,6 @@ def test_ivf_trains_once_it_has_enough_vectors(tmp_path: Path) -> None:
         assert hit_ids(store.search(query, k=10)) == exact(store, ids, query, 10)  # nprobe = nlist: exact
         store.delete(ids[0])
         assert store.index_ids() == store.catalogue_ids()
-
-
-# ----- restart and recovery ----------------------------------------------------------------------------------
-
-def searches(store: GalleryStore) -> list[list[tuple[int, float]]]:
-    return [[(h.id, round(h.score, 5)) for h in store.search(unit(s), k=8)] for s in range(6)]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_restart_gives_the_same_results(tmp_path: Path, kind: str) -> None:
-    store = GalleryStore(tmp_path / "g", DIM, IndexSpec(kind))
-    ids = fill(store, 150)
-    for i in ids[::7]:
-        store.delete(i)
-    before = searches(store)
-    store.close()
-    with GalleryStore(tmp_path / "g", DIM, IndexSpec(kind)) as store:
-        assert store.recovery.index == "loaded"
-        assert searches(store) == before
-        assert store.index_ids() == store.catalogue_ids()
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_stale_snapshot_is_replayed(tmp_path: Path, kind: str) -> None:
-    folder = tmp_path / "g"
-    store = GalleryStore(folder, DIM, IndexSpec(kind))
-    old = fill(store, 50)
-    store.save_index()
-    stale = (folder / "index.faiss").read_bytes()
-    new = fill(store, 30, 50)
-    for i in old[:4] + new[:2]:
-        store.delete(i)
-    before = searches(store)
-    store.close()
-    (folder / "index.faiss").write_bytes(stale)  # as if the process died right after that snapshot
-    with GalleryStore(folder, DIM, IndexSpec(kind)) as store:
-        assert store.recovery.index == "replayed"
-        assert store.recovery.replayed == 4 + 28  # deletes of snapshot photos + rows added since
-        assert store.index_ids() == store.catalogue_ids()
-        assert searches(store) == before
-        assert all(i not in store.index_ids() for i in old[:4] + new[:2])
-    with GalleryStore(folder, DIM, IndexSpec(kind)) as store:
-        assert store.recovery.index == "loaded"  # the replayed index was saved
-
-
-def corrupt_middle(path: Path) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    path.write_bytes(bytes(raw))
-
-
-def store_id(folder: Path) -> str:
-    with sqlite3.connect(folder / "catalog.sqlite") as conn:
-        return str(conn.execute("SELECT value FROM meta WHERE key = 'store'").fetchone()[0])
-
-
-@pytest.mark.parametrize(("damage", "reason"), [
-    (lambda p: p.unlink(), "no index snapshot"),
-    (corrupt_middle, "checksum"),
-    (lambda p: p.write_bytes(p.read_bytes()[:-10]), "truncated"),
-    (lambda p: p.write_bytes(b"garbage"), "not a Concord index snapshot"),
-    (lambda p: VectorIndex(IndexSpec("flat"), 8).snapshot(0, store_id(p.parent)).write(p), "dim 8"),
-    (lambda p: VectorIndex(IndexSpec("flat"), DIM).snapshot(0, "another-store").write(p), "store"),
-    (lambda p: VectorIndex(IndexSpec("flat"), DIM).snapshot(10**6, store_id(p.parent)).write(p), "beyond"),
-])
-def test_unusable_snapshot_is_rebuilt(tmp_path: Path, damage: Any, reason: str) -> None:
-    folder = tmp_path / "g"
-    with GalleryStore(folder, DIM) as store:
-        ids = fill(store, 60)
-        store.delete(ids[0])
-        before = searches(store)
-    damage(folder / "index.faiss")
-    with GalleryStore(folder, DIM) as store:
-        assert store.recovery.index == "rebuilt"
-        assert reason in (store.recovery.reason or "")
-        assert searches(store) == before
-        assert store.index_ids() == store.catalogue_ids() == ids[1:]
-    read_snapshot(folder / "index.faiss", IndexSpec("flat"), DIM, store_id(folder))  # rewritten whole
-
-
-def test_changing_the_index_kind_rebuilds(tmp_path: Path) -> None:
-    with GalleryStore(tmp_path / "g", DIM) as store:
-        ids = fill(store, 60)
-    with GalleryStore(tmp_path / "g", DIM, IndexSpec("hnsw")) as store:
-        assert store.recovery.index == "rebuilt" and "kind" in (store.recovery.reason or "")
-        assert store.index_ids() == ids
-    with pytest.raises(SnapshotError, match="kind"):
-        read_snapshot(tmp_path / "g" / "index.faiss", IndexSpec("flat"), DIM, store_id(tmp_path / "g"))
-
-
-def test_hnsw_tombstones_survive_restart_and_get_compacted(tmp_path: Path) -> None:
-    spec = IndexSpec("hnsw:M=8")
-    with GalleryStore(tmp_path / "g", DIM, spec) as store:
-        ids = fill(store, 80)
-        for i in ids[:10]:
-            store.delete(i)
-        assert store._index.ntotal == 80 and store.index_ids() == ids[10:]
-    with GalleryStore(tmp_path / "g", DIM, spec) as store:
-        assert store.recovery.index == "loaded" and store.index_ids() == ids[10:]
-        for i in ids[10:30]:
-            store.delete(i)
-    with GalleryStore(tmp_path / "g", DIM, spec) as store:
-        assert store.recovery.index == "rebuilt" and "compacting" in (store.recovery.reason or "")
-        assert store._index.ntotal == 50 and store.index_ids() == ids[30:]
-
-
-def test_leftovers_of_a_crash_are_cleaned_at_open(tmp_path: Path) -> None:
-    folder = tmp_path / "g"
-    with GalleryStore(folder, DIM) as store:
-        kept = store.add([photo("kept")])[0]
-    orphan = hashlib.sha256(b"never committed").hexdigest()
-    (folder / "photos" / orphan[:2]).mkdir(exist_ok=True)
-    (folder / "photos" / orphan[:2] / orphan[2:]).write_bytes(b"never committed")
-    (folder / "photos" / orphan[:2] / (orphan[2:] + ".tmp")).write_bytes(b"half")
-    (folder / "index.faiss.tmp").write_bytes(b"half a snapshot")
-    with GalleryStore(folder, DIM) as store:
-        assert (store.recovery.tmp_removed, store.recovery.orphans_removed) == (2, 1)
-        assert store.photo_bytes(kept.id) == b"kept"
-    assert list(folder.rglob("*.tmp")) == []
-    assert [p.name for p in files_under(folder / "photos")] == [photo("kept").content_hash[2:]]
-
-
-# ----- concurrency -------------------------------------------------------------------------------------------
-
-def test_threads_add_and_search_at_once(tmp_path: Path) -> None:
-    errors: list[BaseException] = []
-    with GalleryStore(tmp_path / "g", DIM, IndexSpec("hnsw:M=8")) as store:
-        fill(store, 20, 10_000)
-
-        def work(worker: int) -> None:
-            try:
-                for batch in range(15):
-                    added = store.add([photo(f"t{worker}-{batch}-{j}", metadata={"w": worker}) for j in range(2)])
-                    assert store.search(photo(f"t{worker}-{batch}-0").vector, k=1)[0].id == added[0].id
-                    store.search(unit(batch), k=5, where={"w": worker})
-                    store.counts()
-                    if batch % 5 == 4:
-                        assert store.delete(added[1].id)
-                        store.save_index()
-            except BaseException as err:  # collected and re-raised by the test
-                errors.append(err)
-
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == []
-        assert len(store) == 20 + 4 * 15 * 2 - 4 * 3
-        assert store.index_ids() == store.catalogue_ids()
-
-
-# ----- crash safety ------------------------------------------------------------------------------------------
-
-WRITER = """
-import hashlib, random, sys
-from pathlib import Path
-import numpy as np
-from server.store import GalleryStore, IndexSpec, NewPhoto
-{vector_for}
-folder, kind, round_, seed = sys.argv[1:]
-rng = random.Random(int(seed))
-store = GalleryStore(Path(folder), 16, IndexSpec(kind))
-out = sys.stdout
-out.write("READY\\n"); out.flush()
-live, n = [], 0
-while True:
-    batch = []
-    for _ in range(rng.randint(1, 4)):
-        data = f"{{round_}}-{{n}}".encode() * 4000; n += 1  # ~20 kB: a torn write would show
-        h = hashlib.sha256(data).hexdigest()
-        batch.append(NewPhoto(h, vector_for(h), "cloud-v1", {{"n": n}}, data))
-    results = store.add(batch)
-    out.write("".join(f"A {{r.id}} {{p.content_hash}}\\n" for p, r in zip(batch, results))); out.flush()
-    live += [r.id for r in results]
-    if live and rng.random() < 0.3:
-        victim = live.pop(rng.randrange(len(live)))
-        out.write(f"d {{victim}}\\n"); out.flush()
-        store.delete(victim)
-        out.write(f"D {{victim}}\\n"); out.flush()
-    if rng.random() < 0.15:
-        store.save_index()
-"""
-
-
-def check_files_whole(folder: Path, kind: str) -> None:
-    """After a kill: every file under its final name is complete (tmp files may remain until the next open)."""
-    for path in files_under(folder / "photos"):
-        if not path.name.endswith(".tmp"):
-            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.parent.name + path.name, path
-    snapshot = folder / "index.faiss"
-    if snapshot.exists():
-        read_snapshot(snapshot, IndexSpec(kind), DIM, store_id(folder))
-
-
-@pytest.mark.parametrize(("kind", "rounds"), [("flat", 5), ("hnsw:M=8", 3), ("ivf:nlist=4,train_min=60", 3)])
-def test_sigkilled_writer_loses_nothing_acknowledged(tmp_path: Path, kind: str, rounds: int) -> None:
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(vector_for=textwrap.dedent(inspect.getsource(vector_for))))
-    folder = tmp_path / "g"
-    rng = random.Random(1234)
-    added: dict[int, str] = {}
-    deleting: set[int] = set()
-    deleted: set[int] = set()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for r in range(rounds):
-        log = tmp_path / f"round{r}.log"
-        with open(log, "w") as out:
-            args = [sys.executable, str(script), str(folder), kind, str(r), str(rng.randrange(10**6))]
-            child = subprocess.Popen(args, stdout=out, stderr=subprocess.PIPE, cwd=ROOT, env=env)
-            deadline = time.monotonic() + 60
-            while "READY" not in log.read_text():
-                assert child.poll() is None, child.stderr.read().decode()  # type: ignore[union-attr]
-                assert time.monotonic() < deadline, "the writer did not start"
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.05, 0.5))
-            child.send_signal(signal.SIGKILL)
-            child.wait()
-            child.stderr.close()  # type: ignore[union-attr]
-        lines = [line.split() for line in log.read_text().splitlines(keepends=True) if line.endswith("\n")]
-        for fields in lines:
-            if fields[0] == "A":
-                added[int(fields[1])] = fields[2]
-            elif fields[0] == "d":
-                deleting.add(int(fields[1]))
-            elif fields[0] == "D":
-                deleted.add(int(fields[1]))
-        check_files_whole(folder, kind)
-    assert len(added) >= rounds, "the writers acknowledged too little for the test to mean anything"
-    with GalleryStore(folder, DIM, IndexSpec(kind)) as store:
-        for photo_id, content_hash in added.items():
-            record = store.get(photo_id)
-            if photo_id in deleted:
-                assert record is None, f"photo {photo_id}: its delete was acknowledged"
-            elif photo_id not in deleting:
-                assert record is not None, f"photo {photo_id}: its add was acknowledged, then lost"
-                assert record.content_hash == content_hash
-                np.testing.assert_array_equal(store.vector(photo_id), vector_for(content_hash))  # type: ignore[arg-type]
-                assert store.photo_bytes(photo_id) is not None
-        ids = store.catalogue_ids()
-        assert store.index_ids() == ids
-        assert set(added) - deleting <= set(ids)
-        for photo_id in ids:  # acknowledged or not: each row has its bytes and its vector, searchable
-            record = store.get(photo_id)
-            assert hashlib.sha256(store.photo_bytes(photo_id) or b"").hexdigest() == record.content_hash  # type: ignore[union-attr]
-            assert store.search(store.vector(photo_id), k=1)[0].id == photo_id  # type: ignore[arg-type]
-    assert list(folder.rglob("*.tmp")) == []
 
 
 def test_store_does_not_import_torch() -> None:
