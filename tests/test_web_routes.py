@@ -26,7 +26,7 @@ def test_page_and_assets_are_served_by_the_server(client: TestClient) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.headers["cross-origin-opener-policy"] == "same-origin"
     assert 'src="/web/app.js"' in page.text and "http" not in page.text.split("<body>")[0]  # no CDN in the head
-    for name in ("app.js", "api.js", "encoder.js", "preprocess.js"):
+    for name in ("app.js", "api.js", "encoder.js", "preprocess.js", "probes.js"):
         script = client.get(f"/web/{name}")
         assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
         assert "https://" not in script.text and "http://" not in script.text  # every asset from this server

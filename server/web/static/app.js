@@ -2,8 +2,8 @@
 // model, by the server), "more like this", the library with uploads, and the release's models and lineage.
 
 import { ApiError, forgetKey, imageURL, json, keepKey, postJSON, setKeyPrompt, storedKey, upload } from "./api.js";
-import { BrowserEncoder, decode } from "./encoder.js";
-import { preprocess } from "./preprocess.js";
+import { BrowserEncoder } from "./encoder.js";
+import { probes } from "./probes.js";
 
 const $ = (id) => document.getElementById(id);
 const BATCH_FILES = 16;
@@ -332,39 +332,10 @@ function wire() {
   setKeyPrompt(askForKey);
 }
 
-/** Encode one photo given as base64 `n` times (the benchmark and the tests): timings and the last embedding. */
-async function timeEncodes(base64, n = 1) {
-  if (!state.encoder) throw new Error(`no in-browser encoder: ${state.fallbackReason}`);
-  const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
-  const blob = new Blob([bytes]);
-  const runs = [];
-  let last = null;
-  for (let i = 0; i < n; i++) {
-    last = await state.encoder.encode(blob);
-    runs.push({ encodeMs: last.encodeMs, preprocessMs: last.preprocessMs, totalMs: last.totalMs });
-  }
-  return { modelId: last.modelId, variant: last.variant, vector: Array.from(last.vector), runs };
-}
-
-/** The model input the page makes of RGB bytes (base64): to compare with models.preprocess in the tests. */
-async function preprocessRGB(base64, width, height) {
-  const rgb = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
-  return Array.from(preprocess(rgb, width, height, state.encoder.info.preprocess));
-}
-
-/** The RGB bytes (base64) the browser decodes a photo (base64) into. */
-async function decodePhoto(base64) {
-  const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
-  const { rgb, width, height } = await decode(new Blob([bytes]));
-  let text = "";
-  for (let i = 0; i < rgb.length; i += 0x8000) text += String.fromCharCode(...rgb.subarray(i, i + 0x8000));
-  return { rgb: btoa(text), width, height };
-}
-
 async function start() {
   window.concord = {
     ready: readyPromise, started: false, startError: null, last: null, searches: 0, uploads: 0,
-    timeEncodes, preprocessRGB, decodePhoto,
+    ...probes(() => state.encoder, () => state.fallbackReason),
     get encoder() {
       const e = state.encoder;
       return e ? { modelId: e.modelId, variant: e.variant, threads: e.ort.env.wasm.numThreads,
