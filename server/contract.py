@@ -3,6 +3,7 @@ its HTTP status and a message that says what was wrong (routes and schemas use t
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +122,22 @@ def check_format(data: bytes, name: str) -> None:
     if sniff_image(data) is None:
         raise UnsupportedMedia(f"{name}: not a photo; its bytes are no {ACCEPTED} (judged by content, not by the "
                                f"claimed type)")
+
+
+def photo_pixels(data: bytes, name: str, max_pixels: int) -> int:
+    """A photo's pixel count by its header, decoding nothing: 415 no image format, 422 unreadable or a bomb."""
+    check_format(data, name)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as err:
+        raise Unprocessable(f"{name}: refused as a decompression bomb ({err})") from None
+    except (OSError, ValueError) as err:
+        raise Unprocessable(f"{name}: the photo is corrupt or truncated ({err})") from None
+    if width * height > max_pixels:
+        raise Unprocessable(f"{name}: {width}x{height} is {width * height:,} pixels, above the limit of "
+                            f"{max_pixels:,} (decompression-bomb guard)")
+    return width * height
 
 
 def decode_photo(data: bytes, name: str) -> Image.Image:

@@ -8,7 +8,6 @@ anything is written: a refused request leaves the store as it was.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import threading
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from models.gate import check_gate
 from models.lineage import explain_incompatible, searchable_galleries
@@ -35,9 +33,9 @@ from server.contract import (
     TooLarge,
     Unprocessable,
     Upload,
-    check_format,
     check_vector,
     decode_photo,
+    photo_pixels,
 )
 from server.metrics import Metrics
 from server.opening import cloud_entry, gallery_name, keep_to_one_space, newest_cloud
@@ -48,6 +46,9 @@ from server.store.backends import GalleryLocation, open_gallery
 from server.vector_index import set_search_threads
 
 log = logging.getLogger("concord.server")
+ACTIVE_REFRESH_S = 1.0
+"""How often the active model is re-read from the gallery: another server of the same (Milvus) gallery may have
+upgraded it, and this one then indexes with the new model within about this long."""
 ENCODE_BATCH = 16
 """Photos decoded, preprocessed and encoded together: only their small model inputs are held at once."""
 
@@ -64,6 +65,7 @@ class Service:
         self.metrics = metrics or Metrics()
         self.threads = threads
         self._active = active_model
+        self._active_read = time.monotonic()
         self._upgrade_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self.encoded_photos = 0
@@ -120,8 +122,28 @@ class Service:
 
     @property
     def active_model(self) -> str:
-        """The cloud model that encodes new photos."""
+        """The cloud model that encodes new photos: the gallery's, re-read every ACTIVE_REFRESH_S seconds."""
+        if time.monotonic() - self._active_read >= ACTIVE_REFRESH_S and self._upgrade_lock.acquire(blocking=False):
+            try:
+                self._follow_gallery()
+            finally:
+                self._upgrade_lock.release()
         return self._active
+
+    def _follow_gallery(self) -> None:
+        """Take the gallery's active model when another server changed it (and this release holds it)."""
+        stored = self.store.get_setting(ACTIVE_MODEL_KEY)
+        self._active_read = time.monotonic()
+        if stored is None or stored == self._active:
+            return
+        entry = self.manifest.models.get(stored)
+        if entry is None or entry.role != "cloud":
+            log.warning("the gallery's active model %r (set by another server) is not a cloud model of this "
+                        "release; this server goes on indexing with %s", stored, self._active)
+            return
+        self.release.encoder(stored, threads=self.threads)
+        log.info("active cloud model %s -> %s (set by another server of this gallery)", self._active, stored)
+        self._active = stored
 
     # ----- photos -------------------------------------------------------------------------------------------
 
@@ -140,12 +162,12 @@ class Service:
             first.setdefault(h, i)
         stored = {h: rec for h in first if (rec := self.store.find_by_hash(h)) is not None}
         todo = [i for h, i in first.items() if h not in stored]
-        pixels = sum(self._check_photo(uploads[i].data, _name(uploads[i], i)) for i in todo)
+        pixels = sum(photo_pixels(uploads[i].data, _name(uploads[i], i), self.limits.max_photo_pixels) for i in todo)
         if pixels > self.limits.max_request_pixels:
             raise TooLarge(f"the new photos of this request hold {pixels:,} pixels, above this server's budget of "
                            f"{self.limits.max_request_pixels:,} per request (CONCORD_MAX_REQUEST_PIXELS): send fewer "
                            f"photos per request")
-        model_id = self._active
+        model_id = self.active_model
         vectors = self._encode_uploads(model_id, [(uploads[i].data, _name(uploads[i], i)) for i in todo])
         new = [NewPhoto(hashes[i], vectors[j], model_id, uploads[i].metadata, uploads[i].data)
                for j, i in enumerate(todo)]
@@ -214,8 +236,8 @@ class Service:
 
     def search_photo(self, data: bytes, query: SearchQuery, filename: str = "photo") -> SearchAnswer:
         """Encode a query photo with the active cloud model and search with it."""
-        model_id = self._active
-        self._check_photo(data, filename)
+        model_id = self.active_model
+        photo_pixels(data, filename, self.limits.max_photo_pixels)
         vector = self._encode_uploads(model_id, [(data, filename)])[0]
         return self.search_vector(vector, model_id, query, kind="photo")
 
@@ -267,13 +289,13 @@ class Service:
 
     def models(self) -> dict[str, Any]:
         """The release: spaces, models with lineage and figures, who may search whom, the active model."""
-        manifest = self.manifest
+        manifest, active = self.manifest, self.active_model
         counts = self.store.counts()
         models = []
         for entry in sorted(manifest.models.values(), key=lambda e: (e.space, e.role, e.version, e.id)):
             models.append({
                 "id": entry.id, "role": entry.role, "space": entry.space, "dim": entry.dim, "version": entry.version,
-                "parents": list(entry.parents), "arch": entry.arch, "active": entry.id == self._active,
+                "parents": list(entry.parents), "arch": entry.arch, "active": entry.id == active,
                 "gallery_vectors": counts.get(entry.id, 0),
                 "searches": searchable_galleries(manifest, entry.id),
                 "preprocess": entry.preprocess.to_dict(), "files": sorted(entry.files()),
@@ -285,7 +307,7 @@ class Service:
                    "models": sorted(e.id for e in manifest.models.values() if e.space == s.id)}
                   for s in manifest.spaces.values()]
         lineage = [{"model": e.id, "parent": p} for e in manifest.models.values() for p in e.parents]
-        return {"release": self.release_name, "active_model": self._active, "spaces": spaces, "models": models,
+        return {"release": self.release_name, "active_model": active, "spaces": spaces, "models": models,
                 "lineage": lineage}
 
     def upgrade(self, model_id: str) -> dict[str, Any]:
@@ -297,6 +319,7 @@ class Service:
         """
         with self._upgrade_lock:
             start = time.perf_counter()
+            self._follow_gallery()
             previous = self._active
             if model_id not in self.manifest.models:
                 raise NotFound(f"unknown model {model_id!r}: this release holds {sorted(self.manifest.models)}")
@@ -313,6 +336,7 @@ class Service:
             self.release.encoder(model_id, threads=self.threads)  # load (and sha256-check) it before switching
             self.store.set_setting(ACTIVE_MODEL_KEY, model_id)
             self._active = model_id
+            self._active_read = time.monotonic()
             self.metrics.upgrades.inc()
             log.info("active cloud model %s -> %s (%s)", previous, model_id, verdict.reason)
             return self._upgrade_answer(previous, model_id, verdict.to_dict(), start, changed=True)
@@ -332,7 +356,7 @@ class Service:
         whether the FAISS index holds exactly the catalogue's ids (reads every id: for checks, not dashboards)."""
         counts = self.store.counts()
         answer: dict[str, Any] = {"photos": len(self.store), "vectors": counts, "vectors_total": sum(counts.values()),
-                                  "active_model": self._active, "release": self.release_name,
+                                  "active_model": self.active_model, "release": self.release_name,
                                   "encoded_photos": self.encoded_photos}
         if verify:
             catalogue, index = self.store.catalogue_ids(), self.store.index_ids()
@@ -340,21 +364,6 @@ class Service:
         return answer
 
     # ----- encoding -----------------------------------------------------------------------------------------
-
-    def _check_photo(self, data: bytes, name: str) -> int:
-        """A photo's pixel count by its header, decoding nothing: 415 no image format, 422 unreadable or a bomb."""
-        check_format(data, name)
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-        except Image.DecompressionBombError as err:
-            raise Unprocessable(f"{name}: refused as a decompression bomb ({err})") from None
-        except (OSError, ValueError) as err:
-            raise Unprocessable(f"{name}: the photo is corrupt or truncated ({err})") from None
-        if width * height > self.limits.max_photo_pixels:
-            raise Unprocessable(f"{name}: {width}x{height} is {width * height:,} pixels, above the limit of "
-                                f"{self.limits.max_photo_pixels:,} (decompression-bomb guard)")
-        return width * height
 
     def _encode_uploads(self, model_id: str, photos: list[tuple[bytes, str]]) -> np.ndarray:
         """Decode, preprocess and encode photos ENCODE_BATCH at a time, one full-size decode per slot at once."""

@@ -1,14 +1,17 @@
-"""Several API processes on one Milvus standalone server: a photo added through one is found through the other."""
+"""Several API processes on one Milvus standalone server: a photo added through one is found through the other,
+and an upgrade through one is followed by the other."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from models.release import Release
+from server.service import ACTIVE_REFRESH_S
 from tests.server_helpers import WRITE, ServerProcess, make_photo
 
 
@@ -39,3 +42,10 @@ def test_two_servers_serve_one_collection(tiny_release: Path, tmp_path: Path, mi
         assert b.delete(f"/v1/photos/{photo_id}").status_code == 204
         assert a.get(f"/v1/photos/{photo_id}").status_code == 404
         assert a.post("/v1/search/embedding", json={"vector": vector, "model_id": "cloud-v1"}).json()["hits"] == []
+
+        assert a.post("/v1/models/upgrade", json={"model_id": "cloud-v2"}).json()["active_model"] == "cloud-v2"
+        time.sleep(ACTIVE_REFRESH_S + 0.2)
+        assert b.get("/v1/models").json()["active_model"] == "cloud-v2"
+        later = b.post("/v1/photos", files=[("files", ("new.jpg", make_photo(4343), "image/jpeg"))])
+        assert later.json()["photos"][0]["model_id"] == "cloud-v2", "the other server indexes with the new model"
+        assert b.get("/v1/stats").json()["active_model"] == a.get("/v1/stats").json()["active_model"] == "cloud-v2"

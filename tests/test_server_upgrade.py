@@ -128,3 +128,25 @@ def test_stored_vectors_match_a_fresh_encoding(client: TestClient, tiny_release:
     stored = service_of(client).store.vector(photo["id"])
     fresh = Release.load(tiny_release).encoder("cloud-v1").encode_bytes([sample_photos["chelsea"]])[0]
     np.testing.assert_allclose(stored, fresh, atol=1e-5)
+
+
+def test_a_server_follows_an_upgrade_another_server_made_to_its_gallery(
+        tiny_release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Two services over one gallery (two processes on one Milvus collection in a deployment): an upgrade through
+    one makes the other index with the new model too; an active model this release lacks is not taken."""
+    import server.service
+    from server.settings import ACTIVE_MODEL_KEY
+
+    monkeypatch.setattr(server.service, "ACTIVE_REFRESH_S", 3600.0)
+    one = Service.open(tiny_settings(tiny_release, tmp_path, "embedded"))
+    try:
+        two = Service(Release.load(tiny_release), one.store, one.active_model)
+        assert one.active_model == two.active_model == "cloud-v1"
+        assert one.upgrade("cloud-v2")["changed"] is True
+        assert two.active_model == "cloud-v1", "re-read only every ACTIVE_REFRESH_S seconds"
+        monkeypatch.setattr(server.service, "ACTIVE_REFRESH_S", 0.0)
+        assert two.active_model == "cloud-v2" and two.models()["active_model"] == "cloud-v2"
+        one.store.set_setting(ACTIVE_MODEL_KEY, "edge-v1")
+        assert two.active_model == "cloud-v2" and "not a cloud model of this release" in caplog.text
+    finally:
+        one.close()
