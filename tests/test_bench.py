@@ -220,4 +220,5 @@ def test_backends_compare_through_the_api(tiny_release: Path, tmp_path: Path) ->
         assert row["recall@10"] == 1.0 and row["ingest"]["vectors"] == 300 and row["api_rss_bytes"] > 0
         assert row["api_latency_ms"]["runs"] == 6
     assert rows["embedded-flat"]["p99_over_embedded_flat"] == 1.0
+    assert report["sizes"][0]["migration"] == {**report["sizes"][0]["migration"], "photos": 300, "lost": 0}
     assert "| milvus-lite-flat | Milvus Lite FLAT" in backends_markdown({**report, "command": "test"})

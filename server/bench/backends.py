@@ -199,7 +199,32 @@ def compare(release: Path, vectors: np.ndarray, queries: np.ndarray, model_id: s
         if base:
             row["p99_over_embedded_flat"] = row["api_latency_ms"]["p99"] / base["api_latency_ms"]["p99"]
     return {"gallery": len(vectors), "dim": int(vectors.shape[1]), "queries": len(queries), "k": k,
-            "backends": rows}
+            "backends": rows, "migration": migration(work, chosen)}
+
+
+def migration(work: Path, chosen: list[Variant]) -> dict[str, Any] | None:
+    """`concord migrate` of the filled embedded flat store into a new collection (of the standalone Milvus when
+    one runs, else a new Milvus Lite file): photos moved, seconds, and the rows that came back different or
+    missing (every row is read back and compared)."""
+    from server.store.backends import GalleryLocation
+    from server.store.migrate import migrate
+
+    names = {v.name: v for v in chosen}
+    if "embedded-flat" not in names or not {"milvus-hnsw", "milvus-lite-flat"} & set(names):
+        return None
+    standalone = names.get("milvus-hnsw")
+    target = (standalone.gallery.rsplit("/", 1)[0] + "/migrated" if standalone
+              else f"milvus-lite:{work / 'migrated' / 'gallery.db'}")
+    if standalone:
+        _drop(GalleryLocation.parse(target).uri, "migrated")
+    start = time.perf_counter()
+    report = migrate(work / "embedded-flat", target, work / "migrated")
+    seconds = time.perf_counter() - start
+    if standalone:
+        _drop(GalleryLocation.parse(target).uri, "migrated")
+    print(f"backends migrate: {report.photos:,} photos in {seconds:.1f} s, {len(report.lost)} lost", flush=True)
+    return {"photos": report.photos, "seconds": seconds, "lost": len(report.lost),
+            "into": "Milvus standalone, FLAT" if standalone else "Milvus Lite, FLAT"}
 
 
 def _recall(answers: list[list[int]], id_rows: dict[int, int], exact: np.ndarray, kth: np.ndarray,
@@ -296,5 +321,10 @@ def backends_markdown(report: dict[str, Any]) -> str:
                          f"{row.get('p99_over_embedded_flat', float('nan')):.2f} | {row[f'recall@{k}']:.3f} | "
                          f"{row['api_rss_bytes'] / 2**20:,.0f} | "
                          f"{'' if milvus is None else f'{milvus / 2**20:,.0f}'} |")
+        moved = size.get("migration")
+        if moved:
+            lines += ["", f"`concord migrate` of the embedded flat store into a new collection ({moved['into']}): "
+                          f"{moved['photos']:,} photos in {moved['seconds']:.1f} s, {moved['lost']} lost or different "
+                          f"(every row read back and compared)."]
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -104,6 +104,8 @@ def migrate(data_dir: Path, gallery: str, to_data_dir: Path, index: str = "flat"
     dim = recorded_dim(folder)
     if dim is None:
         raise ValueError(f"no embedded store in {folder} (no catalog.sqlite with a schema)")
+    if location.kind == "milvus-lite":
+        Path(location.uri).parent.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(folder)
     catalogue = Catalogue(folder / "catalog.sqlite")
     source_blobs = BlobStore(folder / "photos")
