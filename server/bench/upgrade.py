@@ -66,6 +66,7 @@ def upgrade_service(release_folder: Path, data_dir: Path, old: str, new: str, re
     try:
         vectors = store.counts()
         for run in range(repeats + 1):  # run 0 warms up (first imports and file reads), untimed
+            store.set_setting(ACTIVE_MODEL_KEY, old)  # a service follows its gallery's active model
             service = Service(Release(release_folder, manifest), store, old)
             start = time.perf_counter_ns()
             answer = service.upgrade(new)
