@@ -66,6 +66,7 @@ class Service:
         self.threads = threads
         self._active = active_model
         self._active_read = time.monotonic()
+        self._refused_active: str | None = None
         self._upgrade_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self.encoded_photos = 0
@@ -138,8 +139,10 @@ class Service:
             return
         entry = self.manifest.models.get(stored)
         if entry is None or entry.role != "cloud":
-            log.warning("the gallery's active model %r (set by another server) is not a cloud model of this "
-                        "release; this server goes on indexing with %s", stored, self._active)
+            if stored != self._refused_active:  # said once per model, not every second
+                self._refused_active = stored
+                log.warning("the gallery's active model %r (set by another server) is not a cloud model of this "
+                            "release; this server goes on indexing with %s", stored, self._active)
             return
         self.release.encoder(stored, threads=self.threads)
         log.info("active cloud model %s -> %s (set by another server of this gallery)", self._active, stored)
