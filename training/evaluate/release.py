@@ -14,6 +14,7 @@ from edge.bench.neardup import query_variant
 from models.benchmark.embeddings import cached, encode_paths, names_digest
 from models.benchmark.open_world import NAME as OPEN_WORLD
 from models.benchmark.open_world import load_open_world
+from models.benchmark.report import shown_path
 from models.release import Release
 from training.evaluate.figures import build_report
 from training.evaluate.protocol import Labels, ModelEmbeddings, Protocol
@@ -58,5 +59,5 @@ def evaluate_release(folder: Path, protocol: Protocol, out: Path, cache: Path,
     labels = world.eval.labels
     report = build_report(entries, Labels(labels, labels, np.zeros(len(labels), dtype=bool), exclude_self=True),
                           release_protocol(protocol, set(release.manifest.models)), name=OPEN_WORLD)
-    report["release"] = release.manifest.release or str(folder)
+    report["release"] = release.manifest.release or shown_path(folder)
     return write_report(report, out, OPEN_WORLD)
