@@ -9,7 +9,7 @@ from models.manifest import Manifest, ModelEntry
 from server.settings import ACTIVE_MODEL_KEY, LEGACY_SPACE, SPACE_KEY, Settings
 from server.store import Gallery
 from server.store.backends import GalleryLocation, gallery_dim
-from server.store.catalogue import recorded_setting
+from server.store.catalogue import recorded_settings
 
 
 def check_store_fits(settings: Settings) -> None:
@@ -24,8 +24,9 @@ def check_store_fits(settings: Settings) -> None:
                          f"{settings.release} embeds into {entry.dim} dims (space {entry.space!r}): serve that store "
                          f"with the release that made it, or give this release its own --data-dir / CONCORD_DATA_DIR")
     if GalleryLocation.parse(settings.gallery).kind == "embedded":
-        used, recorded = recorded_setting(Path(settings.data_dir) / "gallery", SPACE_KEY)
-        _check_space(recorded or (LEGACY_SPACE if used else None), entry, gallery_name(settings), settings.release)
+        photos, recorded = recorded_settings(Path(settings.data_dir) / "gallery")
+        _check_space(recorded.get(SPACE_KEY), photos or ACTIVE_MODEL_KEY in recorded, entry, gallery_name(settings),
+                     settings.release)
 
 
 def start_gallery(store: Gallery, space: str, model_id: str) -> None:
@@ -39,13 +40,15 @@ def keep_to_one_space(store: Gallery, entry: ModelEntry, name: str, release: obj
     """Refuse a gallery whose vectors are of another space than `entry`'s (a gallery that holds vectors but
     recorded no space is LEGACY_SPACE's); record the space in a gallery that has none yet."""
     recorded = store.get_setting(SPACE_KEY)
-    used = len(store) > 0 or store.get_setting(ACTIVE_MODEL_KEY) is not None
-    _check_space(recorded or (LEGACY_SPACE if used else None), entry, name, release)
+    _check_space(recorded, len(store) > 0 or store.get_setting(ACTIVE_MODEL_KEY) is not None, entry, name, release)
     if recorded is None:
         store.set_setting(SPACE_KEY, entry.space)
 
 
-def _check_space(stored: str | None, entry: ModelEntry, name: str, release: object) -> None:
+def _check_space(recorded: str | None, used: bool, entry: ModelEntry, name: str, release: object) -> None:
+    """Refuse unless the gallery's space is `entry`'s: the recorded space, else LEGACY_SPACE for a gallery an older
+    release used (it holds photos or an active model), else none yet (a new gallery)."""
+    stored = recorded or (LEGACY_SPACE if used else None)
     if stored is not None and stored != entry.space:
         raise ValueError(f"the {name} holds vectors of space {stored!r}, but release {release} embeds into space "
                          f"{entry.space!r}: vectors of two spaces cannot be compared; serve that store with the "

@@ -261,18 +261,18 @@ def recorded_dim(folder: Path) -> int | None:
     return int(row[0]) if row else None
 
 
-def recorded_setting(folder: Path, key: str) -> tuple[bool, str | None]:
-    """(whether the store holds any photo or setting, the setting `key` or None), read without opening it."""
+def recorded_settings(folder: Path) -> tuple[bool, dict[str, str]]:
+    """(whether the store holds any photo, its settings), read without opening it (both empty for no store)."""
     path = Path(folder) / "catalog.sqlite"
     if not path.exists():
-        return False, None
+        return False, {}
     with closing(sqlite3.connect(path, timeout=30.0)) as conn:
         try:
-            used = conn.execute("SELECT EXISTS (SELECT 1 FROM photos) OR EXISTS (SELECT 1 FROM settings)").fetchone()
-            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            photos = conn.execute("SELECT EXISTS (SELECT 1 FROM photos)").fetchone()
+            settings = dict(conn.execute("SELECT key, value FROM settings").fetchall())
         except sqlite3.OperationalError:  # created but never initialised
-            return False, None
-    return bool(used[0]), None if row is None else str(row[0])
+            return False, {}
+    return bool(photos[0]), {str(k): str(v) for k, v in settings.items()}
 
 
 _JSON_TYPES = {True: "'true'", False: "'false'"}
