@@ -232,15 +232,14 @@ def _ensure_store(plan: Plan, sources: Sources, size: int,
 
     from server.bench.gallery import build_store
 
-    old, _ = _cloud_models(sources.release)
+    entry = old_cloud(sources.release)
     folder = _store_dir(sources, size)
     marker = folder / "bench.json"
-    space = old_cloud(sources.release).space
-    key = {"vectors": size, "dim": old_cloud(sources.release).dim, "space": space, "model": old, "seed": sources.seed}
+    key = {"vectors": size, "dim": entry.dim, "space": entry.space, "model": entry.id, "seed": sources.seed}
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
         return dict(json.loads(marker.read_text())["store"])
     vectors, note = make()
-    store = {**build_store(folder, vectors, old, old, space), "vectors_source": note}
+    store = {**build_store(folder, vectors, entry.id, entry.id, entry.space), "vectors_source": note}
     marker.write_text(json.dumps({"key": key, "store": store}))
     return store
 
