@@ -27,15 +27,16 @@ def release_protocol(protocol: Protocol, models: set[str]) -> Protocol:
         return set(ids) <= models
 
     mixed = protocol.mixed
-    if mixed is not None and held(mixed.old_gallery, mixed.new_gallery):
-        mixed = dataclasses.replace(mixed, query_models=tuple(m for m in mixed.query_models if m in models))
+    if mixed is not None:
+        mixed = (dataclasses.replace(mixed, query_models=tuple(m for m in mixed.query_models if m in models))
+                 if held(mixed.old_gallery, mixed.new_gallery) else None)
     return dataclasses.replace(
         protocol,
         upgrades=tuple(u for u in protocol.upgrades if held(u.new, u.replaced, *u.galleries)),
         cross_device=tuple(d for d in protocol.cross_device if held(d.edge, d.cloud)),
         tax=protocol.tax if protocol.tax and held(protocol.tax.independent, protocol.tax.compatible) else None,
         flips=tuple(f for f in protocol.flips if held(f.a, f.b, f.gallery)),
-        mixed=mixed if mixed is not None and held(mixed.old_gallery, mixed.new_gallery) else None,
+        mixed=mixed,
         matrix=tuple(p for p in protocol.matrix if held(*p)))
 
 
