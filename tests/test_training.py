@@ -50,6 +50,22 @@ def test_encoder_output_is_unit_norm() -> None:
     assert set(ARCHS) == {"lite0", "lite1", "lite2"}
 
 
+def test_joined_trunks_concatenate_their_pretrained_features() -> None:
+    """`lite0+lite1` holds both ImageNet trunks unchanged: its features are theirs side by side, so a newer model
+    can keep an older model's trunk beside a stronger one."""
+    joined = build_encoder("lite0+lite1", 96, semantic_dim=16).eval()
+    alone = [build_encoder(arch, 96, semantic_dim=16).eval() for arch in ("lite0", "lite1")]
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = torch.cat([encoder.forward_features(x) for encoder in alone], dim=-1)
+        assert torch.allclose(joined.forward_features(x), expected, atol=1e-5)
+        assert joined(x).shape == (2, 16)
+    with pytest.raises(KeyError, match="registered"):
+        build_encoder("lite0+lite9")
+    with pytest.raises(KeyError, match="distinct"):
+        build_encoder("lite1+lite1")
+
+
 @pytest.fixture(scope="module")
 def benchmark_or_skip():  # type: ignore[no-untyped-def]
     try:
@@ -163,3 +179,18 @@ def test_tiny_training_run_improves_its_own_metric(tmp_path: Path) -> None:
     assert state.done and state.loss["classification"] < 1.0
     resumed = train(config, data, tmp_path / "tiny.pt", progress=False)  # a finished run is not redone
     assert resumed.epoch == config.epochs
+
+
+def test_a_head_with_more_trunks_starts_as_its_parent_exactly() -> None:
+    """init='parent': a lite0+lite1 head starts where the lite1 model it replaces is, so its first space is the
+    old one (training only adds to it)."""
+    from training.arch import feature_columns
+
+    parent = build_encoder("lite1", 64, semantic_dim=8, hidden=16, pretrained=False).eval()
+    child = build_encoder("lite0+lite1", 64, semantic_dim=8, hidden=16, pretrained=False).eval()
+    child.head.start_from(parent.head, feature_columns("lite1", "lite0+lite1"))
+    features = torch.randn(5, 2560)
+    with torch.no_grad():
+        assert torch.allclose(child.head(features), parent.head(features[:, 1280:]), atol=1e-6)
+    with pytest.raises(ValueError, match="holds no"):
+        feature_columns("lite2", "lite0+lite1")

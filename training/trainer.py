@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.atomic import write_atomic
-from training.arch import Encoder, build_encoder
+from training.arch import Encoder, build_encoder, feature_columns
 from training.fingerprint import load_fingerprint
 from training.losses import (
     Batch,
@@ -33,7 +33,7 @@ from training.losses import (
 LOSS_KINDS = ("classification", "influence", "regression", "relational")
 CLASS_LOSSES = ("classification", "influence")
 PHOTOS = ("labelled", "gallery", "all")
-INITS = ("random", "pca")
+INITS = ("random", "pca", "parent")
 TRUNK = "trunk"
 """The reference name of the model's own frozen trunk features (centred), for the relational loss."""
 
@@ -81,7 +81,8 @@ class TrainConfig:
     pool: bool = False
     """Add the open-world `pool` photos, label-free (never the `eval` photos)."""
     init: str = "random"
-    """'random', or 'pca': the head starts as the partly whitened PCA of its training photos' trunk features."""
+    """'random'; 'pca': the head starts as the partly whitened PCA of its training photos' trunk features;
+    'parent': it starts as the model it replaces, exactly (its architecture must hold that model's trunks)."""
     whiten: float = 0.5
     """With init='pca': eigenvalue^(-whiten/2) scaling (0: plain PCA, 1: full whitening)."""
     views: list[str] = field(default_factory=lambda: ["plain", "flip"])
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"{self.model_id}: photos must be one of {PHOTOS}, got {self.photos!r}")
         if self.init not in INITS:
             raise ValueError(f"{self.model_id}: init must be one of {INITS}, got {self.init!r}")
+        if self.init == "parent" and not self.replaces:
+            raise ValueError(f"{self.model_id}: init='parent' starts from the model it replaces; name it in 'replaces'")
 
     @property
     def references(self) -> list[str]:
@@ -144,6 +147,8 @@ class TrainData:
     labels: torch.Tensor
     references: dict[str, torch.Tensor] = field(default_factory=dict)
     classifiers: dict[str, torch.Tensor] = field(default_factory=dict)
+    parent: Encoder | None = None
+    """The replaced model, for init='parent'."""
 
 
 def build_losses(config: TrainConfig, data: TrainData) -> Weighted:
@@ -252,6 +257,10 @@ def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool
     encoder = build_encoder(config.arch, config.resolution, config.semantic_dim, config.hidden, config.dropout)
     if config.init == "pca":
         encoder.head.start_from_pca(data.features, config.whiten)
+    elif config.init == "parent":
+        if data.parent is None:
+            raise ValueError(f"{config.model_id}: init='parent' needs the replaced model in the training data")
+        encoder.head.start_from(data.parent.head, feature_columns(data.parent.arch, config.arch))
     losses = build_losses(config, data)
     params = [p for p in [*encoder.head.parameters(), *losses.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
