@@ -23,13 +23,14 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="Edge model id (de
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from edge.client import ApiError
+    from edge.halve import HalveError
     from edge.photos import PhotoSourceError
     from edge.quantize import QuantizeError
     from models.manifest import ManifestError
     from models.preprocess import ImageError
     from models.release import ReleaseError
 
-    return (ApiError, PhotoSourceError, QuantizeError, ManifestError, ImageError, ReleaseError,
+    return (ApiError, PhotoSourceError, QuantizeError, HalveError, ManifestError, ImageError, ReleaseError,
             KeyError, FileNotFoundError, ValueError)
 
 
@@ -74,23 +75,49 @@ def quantize(
 
 
 @app.command()
+def halve(
+    model_id: Annotated[str, typer.Argument(help="The model whose server file to store with fp16 weights.")],
+    check: Annotated[Path, typer.Option(help="A folder of photos, or a list file (e.g. Caltech-101 test.txt), to "
+                                        "compare the half-size file with the fp32 one on.")],
+    release: ReleaseOpt = None,
+    count: Annotated[int | None, typer.Option(help="Use this many photos, spread evenly over the list.")] = 16,
+    root: Annotated[Path | None, typer.Option(help="Folder that relative lines of a list file start from.")] = None,
+) -> None:
+    """Store a model's weights as fp16 (computed in fp32: half the file) and register `server-fp16`."""
+    from edge.halve import MIN_COSINE, halve_model
+    from edge.photos import list_photos
+    from models.release import resolve_release
+
+    try:
+        result = halve_model(resolve_release(release), model_id, list_photos(check, count, root))
+    except _user_errors() as err:
+        _explain(err)
+    print(f"wrote {result.file} ({result.size_bytes / 1e6:.2f} MB, fp32 {result.fp32_size_bytes / 1e6:.2f} MB); "
+          f"cosine to fp32 min {result.cosine_min:.6f} (limit {MIN_COSINE}); registered as server-fp16")
+
+
+@app.command()
 def ship(
     release: Annotated[Path, typer.Option("--release", help="The full release (export + quantize) to ship from.")],
     out: Annotated[Path, typer.Option("--out", help="Where the slim release goes (e.g. models/release).")],
-    keep: Annotated[list[str] | None, typer.Option(help="MODEL=VARIANT to ship instead of the server file; default: "
-                                                        "every edge model's device-int8 file.")] = None,
+    keep: Annotated[list[str] | None, typer.Option(help="MODEL=VARIANT to ship instead of the default: an edge "
+                                                        "model's device-int8 file and a cloud model's server-fp16 "
+                                                        "one (`concord halve`) where they exist, else the server "
+                                                        "file.")] = None,
 ) -> None:
-    """Write a slim release: cloud models' server files and edge models' int8 device files (what ships)."""
+    """Write a slim release: cloud models' server files (fp16-stored where halved) and edge models' int8 device
+    files (what ships)."""
     from models.release import Release, ReleaseError
 
     try:
         full = Release.load(release)
-        if keep is None:
-            chosen = {e.id: "device-int8" for e in full.manifest.models.values() if e.role == "edge"}
-        else:
-            chosen = dict(item.split("=", 1) for item in keep if "=" in item)
-            if len(chosen) != len(keep):
-                fail(f"--keep takes MODEL=VARIANT, got {keep}")
+        preferred = {"edge": "device-int8", "cloud": "server-fp16"}
+        chosen = {e.id: preferred[e.role] if preferred.get(e.role) in e.variants else "server"
+                  for e in full.manifest.models.values()}
+        asked = dict(item.split("=", 1) for item in keep or [] if "=" in item)
+        if len(asked) != len(keep or []):
+            fail(f"--keep takes MODEL=VARIANT, got {keep}")
+        chosen.update(asked)
         if out.exists() and any(out.iterdir()):
             fail(f"{out} is not empty: ship into an empty (or new) folder so no old file stays behind")
         shipped = Release.ship(full, out, chosen)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fingerprint": ("training.cli", "Fit the space's photo fingerprint (used for near-duplicate search)."),
     "export": ("training.cli", "Export checkpoints to a release folder of ONNX files with a manifest."),
     "quantize": ("edge.cli", "Quantise an edge model to int8 (static QDQ, calibrated on real photos)."),
+    "halve": ("edge.cli", "Store a model's weights as fp16 (computed in fp32): half the file, checked on photos."),
     "ship": ("edge.cli", "Write the slim release that ships: cloud server files, edge int8 device files."),
     "encode": ("edge.cli", "Encode photos on this device and print or save their embeddings."),
     "query": ("edge.cli", "Encode a photo on this device and search a Concord server with its embedding."),
