@@ -11,6 +11,7 @@ import hashlib
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class Service:
         self._refused_active: str | None = None
         self._upgrade_lock = threading.Lock()
         self._count_lock = threading.Lock()
+        self._beside = ThreadPoolExecutor(max_workers=8, thread_name_prefix="concord-counts")
         self.encoded_photos = 0
         """Photos this process ran through an encoder (a test proves an upgrade adds none)."""
         manifest_file = Path(release.folder) / "manifest.json"
@@ -110,6 +112,7 @@ class Service:
 
     def close(self) -> None:
         """Save the FAISS index and close the store (a clean shutdown; a crash is recovered at the next start)."""
+        self._beside.shutdown(wait=True)
         self.store.close()
 
     @property
@@ -224,18 +227,32 @@ class Service:
         """Search with an embedding made by `model_id`, over every gallery model it is comparable with."""
         entry = self._query_entry(model_id)
         vector = self._match(check_vector(values, entry), entry, query.match)
-        searched, skipped = self._galleries(model_id)
-        hits: list[Hit] = []
+        # On a remote gallery the counts (which models hold vectors) and the search are a round trip each: they
+        # run at once, the search over every model the release lets `model_id` search (hits come only from
+        # models holding vectors, so the answer is the same as searching `searched` after the counts).
+        galleries = self._beside.submit(self._galleries, model_id) if self.store.remote else None
+        start = time.perf_counter()
+        if galleries is None:
+            searched, skipped = self._galleries(model_id)
+            hits = self._search(vector, searched, query) if searched else []
+        else:
+            hits = self._search(vector, searchable_galleries(self.manifest, model_id), query, galleries)
+            searched, skipped = galleries.result()
         if searched:
-            start = time.perf_counter()
-            try:
-                hits = self.store.search(vector, k=query.k, offset=query.offset, models=searched, where=query.where,
-                                         added_after=query.added_after, added_before=query.added_before)
-            except ValueError as err:
-                raise Unprocessable(str(err)) from None
             self.metrics.search_seconds.observe(time.perf_counter() - start)
         self.metrics.searches.labels(kind=kind, model=model_id).inc()
         return SearchAnswer(model_id, searched, skipped, hits)
+
+    def _search(self, vector: np.ndarray, models: list[str], query: SearchQuery,
+                galleries: Future[tuple[list[str], dict[str, str]]] | None = None) -> list[Hit]:
+        """The store's search; a refused one is a 422, after any 409 the gallery counts in flight raise."""
+        try:
+            return self.store.search(vector, k=query.k, offset=query.offset, models=models, where=query.where,
+                                     added_after=query.added_after, added_before=query.added_before)
+        except ValueError as err:
+            if galleries is not None:
+                galleries.result()
+            raise Unprocessable(str(err)) from None
 
     def search_photo(self, data: bytes, query: SearchQuery, filename: str = "photo") -> SearchAnswer:
         """Encode a query photo with the active cloud model and search with it."""

@@ -65,6 +65,8 @@ FLAT = IndexSpec("flat")
 class GalleryStore:
     """Photos, their vectors (one per photo, with the model that made it) and settings, durable and searchable."""
 
+    remote = False
+
     def __init__(self, folder: Path, dim: int, index: IndexSpec = FLAT, keep_bytes: bool = True,
                  *, clock: Callable[[], float] = time.time, snapshot_every: int = SNAPSHOT_EVERY) -> None:
         """Open (or create) the store in `folder` for `dim`-dim vectors and recover from any crash.

@@ -14,6 +14,8 @@ class Gallery(Protocol):
     """Photos, one vector each with the model that made it, their metadata and bytes, and durable settings."""
 
     dim: int
+    remote: bool
+    """True when every call is a network round trip (Milvus): the service then overlaps the ones it can."""
 
     def add(self, photos: Sequence[NewPhoto]) -> list[AddResult]:
         """Store photos, durable when this returns; a stored content hash is not stored again (`duplicate`)."""

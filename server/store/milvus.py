@@ -74,6 +74,8 @@ def hash_ids(content_hash: str) -> list[int]:
 class MilvusGallery:
     """A gallery in a Milvus collection `collection` (and `collection`_settings) reached at `uri`."""
 
+    remote = True
+
     def __init__(self, uri: str, collection: str, dim: int, photos: Path, index: IndexSpec | str = "flat",
                  keep_bytes: bool = True, *, token: str = "", connect_timeout: float = 60.0,
                  clock: Callable[[], float] = time.time) -> None:
