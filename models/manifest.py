@@ -7,9 +7,12 @@ every field and raises `ManifestError` naming the field that is wrong.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from models.atomic import write_atomic
 from models.preprocess import Preprocess
@@ -67,6 +70,22 @@ class ModelFile:
 
 
 @dataclass(frozen=True)
+class BackfillScorer:
+    """How much an older model's stored vector is worth re-encoding with this model (FastFill's idea, linear).
+
+    `score(v) = weights . v + bias` predicts how far the new model would move photo v's vector; a backfill
+    re-encodes the highest scores first, so the photos whose old vectors hurt retrieval most go first.
+    """
+
+    weights: tuple[float, ...]
+    bias: float
+
+    def score(self, vectors: np.ndarray) -> np.ndarray:
+        """Scores of old vectors [n, dim] (float32 [n]); higher: re-encode sooner."""
+        return np.asarray(vectors, np.float32) @ np.asarray(self.weights, np.float32) + np.float32(self.bias)
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """A released model: identity, lineage, files, preprocessing and its measured figures."""
 
@@ -86,6 +105,8 @@ class ModelEntry:
     variants: dict[str, ModelFile] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     card: dict[str, Any] = field(default_factory=dict)
+    backfill: dict[str, BackfillScorer] = field(default_factory=dict)
+    """Per older gallery model id: the scorer that orders a backfill of its vectors with this model."""
 
     def files(self) -> dict[str, ModelFile]:
         """Every file of the model by variant name; `server` is the dynamic-batch fp32 file."""
@@ -180,6 +201,10 @@ class Manifest:
                     raise ManifestError(f"model {entry.id!r}: parent {parent!r} is not in the release")
                 if models[parent].space != entry.space:
                     raise ManifestError(f"model {entry.id!r}: parent {parent!r} is in another space")
+            for old in entry.backfill:
+                if old not in models or models[old].space != entry.space:
+                    raise ManifestError(f"model {entry.id!r}: backfill scorer for {old!r}, not a model of its space "
+                                        f"in the release")
         return cls(spaces=spaces, models=models, release=_get(data, "release", str, "manifest", ""))
 
     @classmethod
@@ -226,8 +251,10 @@ def _fraction(data: dict[str, Any], key: str, where: str) -> float:
 
 
 def _entry_to_dict(entry: ModelEntry) -> dict[str, Any]:
-    data = {k: v for k, v in vars(entry).items() if k not in ("preprocess", "variants", "parents")}
+    data = {k: v for k, v in vars(entry).items() if k not in ("preprocess", "variants", "parents", "backfill")}
     data["parents"] = list(entry.parents)
+    if entry.backfill:
+        data["backfill"] = {m: {"weights": list(s.weights), "bias": s.bias} for m, s in entry.backfill.items()}
     data["preprocess"] = entry.preprocess.to_dict()
     data["variants"] = {name: vars(f) for name, f in entry.variants.items()}
     return data
@@ -266,7 +293,23 @@ def _entry_from_dict(raw: Any, where: str, spaces: dict[str, Space]) -> ModelEnt
         output=_get(raw, "output", str, where, "embedding"), opset=_positive(raw, "opset", where, 17),
         arch=_get(raw, "arch", str, where, ""), variants=variants,
         metrics=_get(raw, "metrics", dict, where, {}), card=_get(raw, "card", dict, where, {}),
+        backfill=_backfill(raw, where, dim),
     )
+
+
+def _backfill(raw: dict[str, Any], where: str, dim: int) -> dict[str, BackfillScorer]:
+    """An entry's optional `backfill` scorers: per older model id, `dim` finite weights and a finite bias."""
+    scorers = {}
+    for model_id, data in _get(raw, "backfill", dict, where, {}).items():
+        swhere = f"{where}.backfill.{model_id}"
+        weights = _get(data, "weights", list, swhere)
+        bias = _get(data, "bias", object, swhere)
+        numbers = [*weights, bias]
+        if len(weights) != dim or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                                          for x in numbers):
+            raise ManifestError(f"{swhere}: expected {dim} finite weights and a finite bias")
+        scorers[model_id] = BackfillScorer(tuple(float(x) for x in weights), float(bias))
+    return scorers
 
 
 _MISSING = object()
