@@ -32,6 +32,9 @@ KIND_PARAMS: dict[str, dict[str, int]] = {
 """Each index kind's parameters and defaults (IVF's `train_min` 0 means 39 x nlist, FAISS's own minimum)."""
 STRUCTURE = {"flat": (), "hnsw": ("M",), "ivf": ("nlist",)}
 """The parameters fixed inside a built index: a snapshot built with others is rebuilt; the rest apply at load."""
+DEAD = -2
+"""The id an HNSW entry gets when its photo's vector is replaced (FAISS cannot remove from HNSW): FAISS's id map
+answers it for that entry, so a search drops it, and the snapshot keeps it."""
 MAGIC = b"CONCORD-FAISS-1\n"
 FORMAT = 1
 
@@ -154,6 +157,8 @@ class VectorIndex:
         self.dim = dim
         self._index: Any = index if index is not None else self._empty()
         self._tombstones = {int(t) for t in tombstones}
+        view = self._id_map()
+        self._dead = int(np.count_nonzero(view == DEAD)) if view is not None and self.spec.kind == "hnsw" else 0
         self._configure()
 
     def _empty(self) -> faiss.Index:
@@ -172,6 +177,12 @@ class VectorIndex:
         if ivf is not None:
             ivf.nprobe = min(self.spec.get("nprobe"), ivf.nlist)
 
+    def _id_map(self) -> np.ndarray | None:
+        """A writable view of the id of every entry (None for a trained IVF index, which keeps ids in its lists)."""
+        if not isinstance(self._index, faiss.IndexIDMap2):
+            return None
+        return faiss.rev_swig_ptr(self._index.id_map.data(), self._index.id_map.size())
+
     def _ivf(self) -> Any:
         return faiss.try_extract_index_ivf(self._index) if self.spec.kind == "ivf" else None
 
@@ -186,11 +197,12 @@ class VectorIndex:
         return int(self._index.ntotal)
 
     def __len__(self) -> int:
-        return self.ntotal - len(self._tombstones)
+        return self.ntotal - len(self._tombstones) - self._dead
 
     @property
     def tombstone_share(self) -> float:
-        return len(self._tombstones) / self.ntotal if self.ntotal else 0.0
+        """The share of entries a search skips: deleted photos and replaced vectors of HNSW."""
+        return (len(self._tombstones) + self._dead) / self.ntotal if self.ntotal else 0.0
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under their photo ids (ids the index does not hold: the store never reuses one)."""
@@ -209,25 +221,43 @@ class VectorIndex:
         elif len(ids):
             self._index.remove_ids(ids)
 
+    def replace(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Swap the vectors of photo ids the index holds (a backfill); HNSW marks the old entries DEAD and adds."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
+        if self.spec.kind == "hnsw":
+            view = self._id_map()
+            assert view is not None
+            old = np.flatnonzero(np.isin(view, ids))
+            view[old] = DEAD
+            self._dead += len(old)
+        else:
+            self.remove(ids)
+        self.add(ids, vectors)
+
     def search(self, query: np.ndarray, n: int) -> Found:
         """The `n` nearest entries to one unit query vector (fewer when the index holds fewer)."""
         asked = min(n, self.ntotal)
         if asked <= 0:
             return Found(np.zeros(0, np.float32), np.zeros(0, np.int64), 0, 0)
         scores, ids = self._index.search(query.reshape(1, -1).astype(np.float32, copy=False), asked)
-        valid = ids[0] >= 0
+        valid = ids[0] != -1  # FAISS's "no more entries"; a DEAD entry counts as returned, then is dropped
         scores, ids = scores[0][valid], ids[0][valid]
         returned = len(ids)
+        if self._dead:
+            scores, ids = scores[ids >= 0], ids[ids >= 0]
         if self._tombstones:
             keep = np.fromiter((int(i) not in self._tombstones for i in ids), dtype=bool, count=len(ids))
             scores, ids = scores[keep], ids[keep]
         return Found(scores, ids, asked, returned)
 
     def all_ids(self) -> np.ndarray:
-        """Every id the FAISS structure holds, tombstones included (unsorted)."""
+        """Every photo id the FAISS structure holds, tombstones included, replaced HNSW entries not (unsorted)."""
         ivf = self._ivf()
         if ivf is None:
-            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            return ids[ids != DEAD] if self._dead else ids
         lists = ivf.invlists
         parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
                  for i in range(ivf.nlist) if lists.list_size(i)]

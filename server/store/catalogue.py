@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from server.store.records import PhotoRecord, Prepared, check_times, check_where
+from server.store.records import PhotoRecord, Prepared, VectorPage, check_times, check_where
 
 SCHEMA_VERSION = 1
 CHUNK = 8192
@@ -159,6 +159,15 @@ class Catalogue:
         conn.execute("INSERT INTO changes (seq, op, photo_id, at) VALUES (?, 'delete', ?, ?)", (seq, photo_id, at))
 
     @staticmethod
+    def replace(conn: sqlite3.Connection, photo_id: int, vector: np.ndarray, model_id: str, seq: int,
+                at: float) -> None:
+        """Give a photo a new vector and model under `seq`, logged as a new 'add' of its id (inside a transaction):
+        replaying the log after a snapshot older than `seq` swaps the vector the snapshot holds."""
+        conn.execute("UPDATE photos SET vector = ?, model_id = ?, seq = ? WHERE id = ?",
+                     (vector.astype("<f4").tobytes(), model_id, seq, photo_id))
+        conn.execute("INSERT INTO changes (seq, op, photo_id, at) VALUES (?, 'add', ?, ?)", (seq, photo_id, at))
+
+    @staticmethod
     def set_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
         """Insert or replace a setting (inside a transaction)."""
         conn.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
@@ -210,6 +219,15 @@ class Catalogue:
             ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
             yield ids, vectors.astype(np.float32)
+
+    @staticmethod
+    def stale_page(conn: sqlite3.Connection, model_id: str, after: int, limit: int, dim: int) -> VectorPage:
+        """Up to `limit` photos with id above `after` whose vector another model than `model_id` made, by id."""
+        rows = conn.execute("SELECT id, model_id, vector, has_bytes FROM photos WHERE id > ? AND model_id != ? "
+                            "ORDER BY id LIMIT ?", (after, model_id, limit)).fetchall()
+        vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), dim)
+        return VectorPage(np.array([r[0] for r in rows], dtype=np.int64), [str(r[1]) for r in rows],
+                          vectors.astype(np.float32), np.array([bool(r[3]) for r in rows], dtype=bool))
 
     @staticmethod
     def rows(conn: sqlite3.Connection, ids: list[int], filt: Filter) -> dict[int, Row]:

@@ -2,7 +2,7 @@
 
 Files under `folder`:
     catalog.sqlite (-wal, -shm)  photos (id, sha256, metadata JSON, vector blob, model id, added_at, sequence),
-                                 the change log (one catalogue sequence per add and per delete), settings
+                                 the change log (one catalogue sequence per add, delete and replaced vector), settings
     index.faiss                  FAISS snapshot with the highest catalogue sequence it holds (atomic, checksummed)
     photos/ab/cdef...            photo bytes by sha256 (atomic files)
     .lock                        flock: one open store per folder (another open raises)
@@ -10,12 +10,16 @@ Files under `folder`:
 Write order, so that a SIGKILL at any moment loses no acknowledged write and leaves nothing inconsistent:
     add:    bytes (tmp, fsync, rename, fsync dir) -> SQLite commit (synchronous=FULL) -> FAISS (memory)
     delete: SQLite commit -> FAISS (memory) -> unlink the bytes
+    replace (a backfill): SQLite commit of the new vectors and model ids, each under a new sequence logged as an
+            'add' of its id -> FAISS (memory); a replay swaps the vector a snapshot older than that holds
 At open the store removes temporary files and bytes no row references, loads the snapshot and replays the
-adds and deletes with a higher sequence (rebuilding from SQLite when the snapshot is missing, corrupt or made
-for another dim or index kind), then proves that FAISS and SQLite hold the same ids (rebuilding if not).
+adds, deletes and replaced vectors with a higher sequence (rebuilding from SQLite when the snapshot is missing,
+corrupt or made for another dim or index kind), then proves that FAISS and SQLite hold the same ids (rebuilding
+if not).
 
-Ids are never reused (AUTOINCREMENT), rows are immutable, and a content hash is stored once.
-Thread safety: a readers/writer lock; searches and reads run together, adds/deletes/settings one at a time.
+Ids are never reused (AUTOINCREMENT), a row changes only by a backfill's replaced vector and model id, and a
+content hash is stored once.
+Thread safety: a readers/writer lock; searches and reads run together, adds/deletes/replacements/settings one at a time.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ from server.store.records import (
     PhotoRecord,
     Prepared,
     Recovery,
+    Replacement,
+    VectorPage,
     check_paging,
+    check_replacements,
     check_setting,
     check_vector,
     in_upload_order,
@@ -236,6 +243,34 @@ class GalleryStore:
                 self._blob_store().remove([content_hash])
             return True
 
+    def replace_vectors(self, model_id: str, replacements: Sequence[Replacement]) -> list[int]:
+        """Swap photos' vectors for `model_id`'s in one transaction, then in FAISS; a photo deleted or no longer
+        holding its `expected_model` is left alone (a second backfill never writes twice). The ids swapped."""
+        checked = check_replacements(replacements, model_id, self.dim)
+        with self._lock.write():
+            self._check_open()
+            start_seq = self._seq
+            swapped: list[Replacement] = []
+            try:
+                with self._transaction() as conn:
+                    now = float(self._clock())
+                    for r in checked:
+                        row = Catalogue.owner(conn, r.photo_id)
+                        if row is not None and row[1] == r.expected_model:
+                            Catalogue.replace(conn, r.photo_id, r.vector, model_id, self._next_seq(), now)
+                            swapped.append(r)
+            except BaseException:
+                self._seq = start_seq
+                raise
+            if swapped:
+                ids = np.array([r.photo_id for r in swapped], dtype=np.int64)
+                vectors = np.stack([r.vector for r in swapped])
+                self._update_index(lambda index: index.replace(ids, vectors), self._seq)
+                self._counts.subtract(r.expected_model for r in swapped)
+                self._counts[model_id] += len(swapped)
+                self._snapshots.changed(self._index_seq - max(self._saved_seq, 0))
+            return [r.photo_id for r in swapped]
+
     def set_setting(self, key: str, value: str) -> None:
         """Store a setting durably (e.g. the active indexing model)."""
         check_setting(key, value)
@@ -279,6 +314,18 @@ class GalleryStore:
         with self._reading() as conn:
             return Catalogue.vector(conn, int(photo_id))
 
+    def stale_pages(self, model_id: str, page: int = 1024) -> Iterator[VectorPage]:
+        """The photos whose vector another model than `model_id` made, `page` at a time by id (the read lock is
+        taken per page, so writes go on between pages)."""
+        after = -1
+        while True:
+            with self._reading() as conn:
+                found = Catalogue.stale_page(conn, model_id, after, page, self.dim)
+            if not len(found.ids):
+                return
+            yield found
+            after = int(found.ids[-1])
+
     def counts(self) -> dict[str, int]:
         """Vectors per model id (models with none left out)."""
         with self._lock.read():
@@ -290,7 +337,7 @@ class GalleryStore:
 
     @property
     def sequence(self) -> int:
-        """The catalogue sequence: it grows by one per photo added and per photo deleted."""
+        """The catalogue sequence: it grows by one per photo added, per photo deleted and per vector replaced."""
         with self._lock.read():
             return self._seq
 

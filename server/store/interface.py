@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from server.store.records import AddResult, Hit, NewPhoto, PhotoRecord
+from server.store.records import AddResult, Hit, NewPhoto, PhotoRecord, Replacement, VectorPage
 
 
 class Gallery(Protocol):
@@ -23,6 +23,16 @@ class Gallery(Protocol):
 
     def delete(self, photo_id: int) -> bool:
         """Remove a photo's record, vector and bytes; False when there is no such photo."""
+        ...
+
+    def replace_vectors(self, model_id: str, replacements: Sequence[Replacement]) -> list[int]:
+        """Swap photos' vectors for `model_id`'s in place (id, hash, metadata, times and bytes kept), durable when
+        this returns; a photo deleted or no longer holding its `expected_model` is left alone. The ids swapped."""
+        ...
+
+    def stale_pages(self, model_id: str, page: int = 1024) -> Iterator[VectorPage]:
+        """The photos whose vector another model than `model_id` made, `page` at a time by id (what a backfill
+        to `model_id` re-encodes); no lock is held between pages."""
         ...
 
     def get(self, photo_id: int) -> PhotoRecord | None:

@@ -10,8 +10,10 @@ two processes at once lands on one id, and `upsert` by id keeps one entity. Ever
 `consistency_level="Strong"`, so it sees every write acknowledged before it, by any process.
 
 Write order: bytes (atomic file) -> Milvus upsert (acknowledged: in Milvus's write-ahead log) ; delete: Milvus
-delete -> unlink the bytes. A crash leaves at worst photo files no entity references, removed at a later open
-once they are an hour old (younger ones may belong to another process's add in flight).
+delete -> unlink the bytes; replace (a backfill): read the entities, upsert those still holding the expected model
+with the new vector and model id (every other field as read). A crash leaves at worst photo files no entity
+references, removed at a later open once they are an hour old (younger ones may belong to another process's add in
+flight).
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ from server.store.records import (
     NewPhoto,
     PhotoRecord,
     Prepared,
+    Replacement,
+    VectorPage,
     check_paging,
+    check_replacements,
     check_setting,
     check_times,
     check_vector,
@@ -217,6 +222,24 @@ class MilvusGallery:
         for start in range(0, len(rows), BATCH):
             self._call("write photos", self._client.upsert, self.collection, rows[start:start + BATCH])
 
+    def replace_vectors(self, model_id: str, replacements: Sequence[Replacement]) -> list[int]:
+        """Swap photos' vectors for `model_id`'s by upserting their entities as read (id, hash, metadata, times and
+        bytes kept); a photo deleted or no longer holding its `expected_model` is left alone. The ids swapped.
+        The check and the upsert are one step within this process (its write lock); Milvus has no conditional
+        upsert, so a delete by another process between the two can bring the photo back."""
+        checked = {r.photo_id: r for r in check_replacements(replacements, model_id, self.dim)}
+        if not checked:
+            return []
+        with self._write_lock:
+            rows = [row for row in self.entities(list(checked))
+                    if str(row["model_id"]) == checked[int(row["id"])].expected_model]
+            if not rows:
+                return []
+            self.register_models({model_id})
+            self.upsert_rows([{**{f: row[f] for f in FIELDS}, "vector": checked[int(row["id"])].vector,
+                               "model_id": model_id} for row in rows])
+            return sorted(int(row["id"]) for row in rows)
+
     def register_models(self, models: Collection[str]) -> None:
         """Record model ids that have vectors (what `counts` looks at)."""
         for model in sorted(set(models) - self._known_models):
@@ -298,13 +321,28 @@ class MilvusGallery:
 
     def rows(self, fields: list[str] | None = None, batch: int = BATCH) -> Iterator[list[dict[str, Any]]]:
         """Every entity, `batch` at a time (for checks and exports)."""
-        iterator = self._call("read every photo", self._client.query_iterator, self.collection, batch_size=batch,
-                              filter="id >= 0", output_fields=fields or ["id"], consistency_level="Strong")
+        return self._pages("id >= 0", fields or ["id"], batch)
+
+    def _pages(self, expr: str, fields: list[str], batch: int) -> Iterator[list[dict[str, Any]]]:
+        """The entities matching `expr`, `batch` at a time, through Milvus's query iterator."""
+        iterator = self._call("read photos", self._client.query_iterator, self.collection, batch_size=batch,
+                              filter=expr, output_fields=fields, consistency_level="Strong")
         try:
-            while page := self._call("read every photo", iterator.next):
+            while page := self._call("read photos", iterator.next):
                 yield list(page)
         finally:
             iterator.close()
+
+    def stale_pages(self, model_id: str, page: int = 1024) -> Iterator[VectorPage]:
+        """The photos whose vector another model than `model_id` made, about `page` at a time (Milvus's iterator:
+        each page by id)."""
+        fields = ["id", "model_id", "has_bytes", "vector"]
+        for rows in self._pages(f"model_id != {json.dumps(model_id)}", fields, page):
+            rows.sort(key=lambda r: int(r["id"]))
+            vectors = np.array([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), self.dim)
+            yield VectorPage(np.array([int(r["id"]) for r in rows], dtype=np.int64),
+                             [str(r["model_id"]) for r in rows], vectors,
+                             np.array([bool(r["has_bytes"]) for r in rows], dtype=bool))
 
     def catalogue_ids(self) -> list[int]:
         """Every photo id in Milvus, sorted (the records and the vectors are one entity here)."""

@@ -62,6 +62,25 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class Replacement:
+    """A photo's new vector, written only while the photo still holds `expected_model`'s (a backfill's swap)."""
+
+    photo_id: int
+    vector: np.ndarray
+    expected_model: str
+
+
+@dataclass(frozen=True)
+class VectorPage:
+    """Stored vectors of some photos, by id: ids int64 [n], the model of each, float32 [n, dim], bytes kept [n]."""
+
+    ids: np.ndarray
+    models: list[str]
+    vectors: np.ndarray
+    has_bytes: np.ndarray
+
+
+@dataclass(frozen=True)
 class Recovery:
     """What opening the store found and did. `index`: "loaded" (snapshot current), "replayed" or "rebuilt"."""
 
@@ -105,6 +124,19 @@ def prepare(position: int, photo: NewPhoto, dim: int) -> Prepared:
         if actual != content_hash:
             raise ValueError(f"{name}: the bytes hash to sha256 {actual[:12]}…, not the content_hash given")
     return Prepared(content_hash, vector, photo.model_id, metadata_json(photo.metadata, name), data)
+
+
+def check_replacements(replacements: Sequence[Replacement], model_id: str, dim: int) -> list[Replacement]:
+    """Replacements with checked vectors (float32 unit [dim]), or ValueError naming the first bad one."""
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise ValueError(f"model_id must be a non-empty string, got {model_id!r}")
+    checked = []
+    for r in replacements:
+        if isinstance(r.photo_id, bool) or not isinstance(r.photo_id, int | np.integer):
+            raise ValueError(f"a replacement's photo id must be an integer, got {r.photo_id!r}")
+        vector = check_vector(r.vector, dim, f"the new vector of photo {r.photo_id}")
+        checked.append(Replacement(int(r.photo_id), vector, str(r.expected_model)))
+    return checked
 
 
 def check_vector(vector: Any, dim: int, what: str) -> np.ndarray:

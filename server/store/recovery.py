@@ -91,18 +91,25 @@ def load_index(conn: sqlite3.Connection, spec: IndexSpec, dim: int, store_id: st
     return index, "replayed" if replayed else "loaded", replayed, reason
 
 
+HELD = "EXISTS (SELECT 1 FROM changes c WHERE c.photo_id = photos.id AND c.op = 'add' AND c.seq <= ?)"
+"""A row the snapshot of sequence ? holds (some vector of it): a later sequence of the row is a replaced vector."""
+
+
 def replay(conn: sqlite3.Connection, index: VectorIndex, seq: int, dim: int) -> int:
-    """Apply to a snapshot the deletes and adds the catalogue recorded after its sequence `seq`."""
+    """Apply to a snapshot the deletes, adds and replaced vectors the catalogue recorded after its sequence `seq`."""
     gone = [row[0] for row in conn.execute(
-        "SELECT d.photo_id FROM changes d JOIN changes a ON a.photo_id = d.photo_id AND a.op = 'add' "
+        "SELECT DISTINCT d.photo_id FROM changes d JOIN changes a ON a.photo_id = d.photo_id AND a.op = 'add' "
         "WHERE d.op = 'delete' AND d.seq > ? AND a.seq <= ?", (seq, seq))]
     if gone:
         index.remove(np.array(gone, dtype=np.int64))
-    added = 0
-    for ids, vectors in Catalogue.vector_chunks(conn, Filter("seq > ?", (seq,)), dim):
+    changed = 0
+    for ids, vectors in Catalogue.vector_chunks(conn, Filter(f"seq > ? AND {HELD}", (seq, seq)), dim):
+        index.replace(ids, vectors)
+        changed += len(ids)
+    for ids, vectors in Catalogue.vector_chunks(conn, Filter(f"seq > ? AND NOT {HELD}", (seq, seq)), dim):
         index.add(ids, vectors)
-        added += len(ids)
-    return len(gone) + added
+        changed += len(ids)
+    return len(gone) + changed
 
 
 def disagreement(conn: sqlite3.Connection, index: VectorIndex) -> str | None:
