@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                          "figures are in its manifest)."),
     "benchmark": ("training.cli", "Run the whole benchmark: train every model, then evaluate (resumable)."),
     "fingerprint": ("training.cli", "Fit the space's photo fingerprint (used for near-duplicate search)."),
+    "restore": ("training.cli", "Continue the chain from a release: its models' heads into their checkpoints."),
     "export": ("training.cli", "Export checkpoints to a release folder of ONNX files with a manifest."),
     "quantize": ("edge.cli", "Quantise an edge model to int8 (static QDQ, calibrated on real photos)."),
     "halve": ("edge.cli", "Store a model's weights as fp16 (computed in fp32): half the file, checked on photos."),

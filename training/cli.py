@@ -85,6 +85,22 @@ def benchmark(data: DataOpt = None, cache_dir: CacheOpt = Path("cache"), runs: R
 
 
 @app.command()
+def restore(release: Annotated[Path, typer.Option(help="The release whose models the chain continues from.")]
+            = Path("models/release"), runs: RunsOpt = Path("runs"),
+            model: Annotated[list[str] | None, typer.Option(help="Only these models (default: all).")] = None) -> None:
+    """Put the released models' head weights into their trained checkpoints, so a later model trains against
+    exactly the models that made users' vectors (training on CPUs is not bit-for-bit repeatable)."""
+    from training.restore import restore_heads
+
+    try:
+        moved = restore_heads(release, runs, model)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    for model_id, change in moved.items():
+        typer.echo(f"{model_id}: head restored from {release} (largest weight change {change:.4f})")
+
+
+@app.command()
 def export(
     checkpoints: Annotated[list[str], typer.Argument(help="Checkpoint files, or model ids (RUNS/<id>/checkpoint.pt).")],
     out: Annotated[Path, typer.Option("--out", help="The release folder to write.")] = Path("release"),
