@@ -6,6 +6,9 @@
   old-model embedding of their training photos as their row.
 - `Regression`: feature regression (squared L2 between unit vectors) to a frozen reference encoder's
   embeddings of the same photos, e.g. an edge model towards the cloud model of its version.
+- `FocalDistillation` (positive-congruent training, Yan et al. 2021): feature distillation to the model being
+  replaced, weighted up on the photos that model retrieved right, so an upgrade keeps its right answers
+  (fewer negative flips) while the other losses improve the rest.
 - `Relational`: similarity preservation: the batch's cosine-similarity matrix follows a frozen reference's
   (e.g. the model's own frozen trunk features), so the head keeps the trunk's general structure on
   photos of any category while the class losses sharpen it.
@@ -29,6 +32,8 @@ class Batch:
 
     labels: torch.Tensor
     references: dict[str, torch.Tensor] = field(default_factory=dict)
+    right: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per reference model id: whether that model retrieved each photo right (bool [batch]), for focal terms."""
 
 
 class CosineClassifier(nn.Module):
@@ -104,6 +109,19 @@ class Regression(nn.Module):
     def forward(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
         target = batch.references[self.reference]
         return (embeddings - target).pow(2).sum(dim=-1).mean()
+
+
+class FocalDistillation(nn.Module):
+    """Squared L2 to the replaced model's unit embeddings, per photo weighted `alpha + beta * right`: every photo
+    is pulled a little towards where the old model put it, the ones it retrieved right strongly."""
+
+    def __init__(self, reference: str, alpha: float = 0.1, beta: float = 1.0) -> None:
+        super().__init__()
+        self.reference, self.alpha, self.beta = reference, alpha, beta
+
+    def forward(self, embeddings: torch.Tensor, batch: Batch) -> torch.Tensor:
+        weight = self.alpha + self.beta * batch.right[self.reference].to(embeddings.dtype)
+        return (weight * (embeddings - batch.references[self.reference]).pow(2).sum(dim=-1)).mean()
 
 
 class Relational(nn.Module):

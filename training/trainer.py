@@ -23,6 +23,7 @@ from training.fingerprint import load_fingerprint
 from training.losses import (
     Batch,
     Classification,
+    FocalDistillation,
     Influence,
     Regression,
     Relational,
@@ -30,7 +31,7 @@ from training.losses import (
     extend_old_classifier,
 )
 
-LOSS_KINDS = ("classification", "influence", "regression", "relational")
+LOSS_KINDS = ("classification", "influence", "regression", "relational", "focal")
 CLASS_LOSSES = ("classification", "influence")
 PHOTOS = ("labelled", "gallery", "all")
 INITS = ("random", "pca", "parent")
@@ -46,6 +47,9 @@ class LossSpec:
     kind: str
     weight: float = 1.0
     reference: str = ""
+    alpha: float = 0.1
+    """focal only: the distillation weight of a photo the reference retrieved wrong (right ones: alpha + beta)."""
+    beta: float = 1.0
 
 
 @dataclass
@@ -110,6 +114,11 @@ class TrainConfig:
         return list(dict.fromkeys(spec.reference for spec in self.losses if spec.reference))
 
     @property
+    def focal_references(self) -> list[str]:
+        """The models whose right answers a focal distillation term keeps."""
+        return [spec.reference for spec in self.losses if spec.kind == "focal"]
+
+    @property
     def has_class_loss(self) -> bool:
         """Whether a loss of the config uses labels."""
         return any(spec.kind in CLASS_LOSSES for spec in self.losses)
@@ -147,6 +156,8 @@ class TrainData:
     labels: torch.Tensor
     references: dict[str, torch.Tensor] = field(default_factory=dict)
     classifiers: dict[str, torch.Tensor] = field(default_factory=dict)
+    right: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per focal reference: whether it retrieved each training photo right (bool [N]; label-free: False)."""
     parent: Encoder | None = None
     """The replaced model, for init='parent'."""
 
@@ -163,6 +174,8 @@ def build_losses(config: TrainConfig, data: TrainData) -> Weighted:
             loss = Influence(old, config.scale)
         elif spec.kind == "relational":
             loss = Relational(spec.reference)
+        elif spec.kind == "focal":
+            loss = FocalDistillation(spec.reference, spec.alpha, spec.beta)
         else:
             loss = Regression(spec.reference)
         terms[f"{spec.kind}:{spec.reference}" if spec.reference else spec.kind] = (spec.weight, loss)
@@ -288,7 +301,8 @@ def train(config: TrainConfig, data: TrainData, checkpoint: Path, progress: bool
         for i in range(0, num_photos, config.batch_size):
             idx = order[i:i + config.batch_size]
             view = torch.randint(num_views, (len(idx),), generator=generator)
-            batch = Batch(data.labels[idx], {ref: emb[view, idx] for ref, emb in data.references.items()})
+            batch = Batch(data.labels[idx], {ref: emb[view, idx] for ref, emb in data.references.items()},
+                          {ref: right[idx] for ref, right in data.right.items()})
             loss, parts = losses(encoder.head(data.features[view, idx]), batch)
             optimizer.zero_grad()
             loss.backward()
