@@ -31,25 +31,28 @@ log = logging.getLogger("concord.server")
 DESCRIPTION = """Photo search whose models never force a re-index.
 
 A cloud encoder indexes photos; phones search with embeddings from a small edge encoder of the same space.
-Upgrading the cloud model (`POST /v1/models/upgrade`) re-encodes nothing: old vectors stay searchable beside
-the new model's. Writes need the API key (`X-API-Key`) when one is configured.
+Upgrading the cloud model (`POST /v1/models/upgrade`) re-encodes nothing: old vectors stay searchable beside the
+new model's. Where re-encoding pays, `POST /v1/backfill` does it in the background from the kept photo bytes (the
+photos whose old vectors the new model moves most first), resumable, while searches go on. Writes need the API key
+(`X-API-Key`) when one is configured.
 
 Every search takes `match`: `similar` (default: photos that show the same kind of thing) or `duplicate` (the same
 photo, cropped, resized or re-saved: the query's pixel fingerprint counts as much as what it shows; it needs a
 release whose space has a photo fingerprint, see `GET /v1/models`). The answer echoes it.
 
-Errors answer `{"detail": "<what was wrong>"}` (schema `ErrorOut`; a 422 for invalid fields adds `errors`, one
-item per field): 400 a body that cannot be parsed (JSON nested too deeply); 401 no API key, 403 a wrong one; 404 an
-unknown photo, or an unknown model to upgrade to; 405 a method a path does not take; 409 a query model this
-gallery cannot be searched with (not in the release, another space, or not joined by lineage: the message says
-which) and an upgrade refused by the compatibility gate (the verdict is included); 413 a request body over
-CONCORD_MAX_REQUEST_BYTES (64 MiB), new photos over CONCORD_MAX_REQUEST_PIXELS (512 MP by their headers) or one
-photo's metadata over CONCORD_MAX_METADATA_BYTES (4 KiB of JSON); 415 a file that is no image by its bytes; 422 a
-photo that cannot be decoded (truncated, over the 40 MP decompression-bomb guard), an embedding of the wrong dim,
-not finite or not unit norm, an unknown `match` or `duplicate` in a space without a fingerprint, JSON the server
-refuses in `metadata` or `filter` (NaN, Infinity, numbers beyond a float or int64, nested more than 8 deep), or a
-missing or invalid field (photo ids are 0..2^63-1, k at most 100). Every check runs before anything is decoded or
-encoded, and a refused request changes nothing.
+Errors answer `{"detail": "<what was wrong>"}` (schema `ErrorOut`; a 422 for invalid fields adds `errors`, one item
+per field): 400 a body that cannot be parsed (JSON nested too deeply); 401 no API key, 403 a wrong one; 404 an
+unknown photo, or an unknown model to upgrade to; 405 a method a path does not take; 409 a query model this gallery
+cannot be searched with (not in the release, another space, or not joined by lineage: the message says which), an
+upgrade refused by the compatibility gate (the verdict is included), a backfill while one runs and an upgrade
+during a backfill; 413 a request body over CONCORD_MAX_REQUEST_BYTES (64 MiB), new photos over
+CONCORD_MAX_REQUEST_PIXELS (512 MP by their headers) or one photo's metadata over CONCORD_MAX_METADATA_BYTES (4 KiB
+of JSON); 415 a file that is no image by its bytes; 422 a photo that cannot be decoded (truncated, over the 40 MP
+decompression-bomb guard), an embedding of the wrong dim, not finite or not unit norm, an unknown `match` or
+`duplicate` in a space without a fingerprint, JSON the server refuses in `metadata` or `filter` (NaN, Infinity,
+numbers beyond a float or int64, nested more than 8 deep), or a missing or invalid field (photo ids are 0..2^63-1,
+k at most 100, a backfill share in (0, 1]). Every check runs before anything is decoded or encoded, and a refused
+request changes nothing.
 """
 
 

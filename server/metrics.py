@@ -11,7 +11,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class Metrics:
-    """Request counts and latency by route, photos indexed, searches, encode time, gallery size."""
+    """Request counts and latency by route, photos indexed and backfilled, searches, encode time, gallery size."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -36,6 +36,8 @@ class Metrics:
                              registry=r)
         self._gallery_models: set[str] = set()
         self.upgrades = Counter("concord_model_upgrades", "Accepted upgrades of the active cloud model.", registry=r)
+        self.backfilled = Counter("concord_photos_backfilled", "Stored photos a backfill re-encoded, by the model "
+                                  "that re-encoded them.", ["model"], registry=r)
 
     def set_gallery(self, counts: dict[str, int]) -> None:
         """Publish the gallery's vectors per model (models that have none left drop to 0)."""

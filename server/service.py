@@ -24,6 +24,8 @@ from models.manifest import Manifest, ModelEntry
 from models.match import MATCHES, query_vectors
 from models.preprocess import preprocess
 from models.release import Release
+from models.runtime import OnnxEncoder
+from server.backfill import Backfill
 from server.contract import (
     Added,
     Conflict,
@@ -31,6 +33,7 @@ from server.contract import (
     NotFound,
     SearchAnswer,
     SearchQuery,
+    ServiceError,
     TooLarge,
     Unprocessable,
     Upload,
@@ -58,7 +61,7 @@ class Service:
     """One release and one gallery store, with the active cloud model that indexes new photos."""
 
     def __init__(self, release: Release, store: Gallery, active_model: str, metrics: Metrics | None = None,
-                 threads: int | None = None, limits: Limits | None = None) -> None:
+                 threads: int | None = None, limits: Limits | None = None, backfill_batch: int = ENCODE_BATCH) -> None:
         self.release = release
         self.limits = limits or Limits()
         self._decode_slots = threading.BoundedSemaphore(self.limits.decode_slots)
@@ -76,6 +79,7 @@ class Service:
         manifest_file = Path(release.folder) / "manifest.json"
         self._manifest_digest = hashlib.sha256(manifest_file.read_bytes()).hexdigest() if manifest_file.exists() else ""
         self.metrics.set_gallery(store.counts())
+        self.backfill = Backfill(self, backfill_batch)
 
     @classmethod
     def open(cls, settings: Settings, metrics: Metrics | None = None) -> Service:
@@ -105,13 +109,17 @@ class Service:
             release.encoder(str(active), threads=settings.threads)  # load it now: ready means ready to index
             limits = Limits(max_request_pixels=settings.max_request_pixels,
                             max_metadata_bytes=settings.max_metadata_bytes)
-            return cls(release, store, str(active), metrics, settings.threads, limits)
+            service = cls(release, store, str(active), metrics, settings.threads, limits, settings.backfill_batch)
+            service.backfill.resume()  # an unfinished backfill goes on in the background
+            return service
         except BaseException:
             store.close()
             raise
 
     def close(self) -> None:
-        """Save the FAISS index and close the store (a clean shutdown; a crash is recovered at the next start)."""
+        """Stop a backfill between batches (the next start resumes it), save the FAISS index and close the store (a
+        clean shutdown; a crash is recovered at the next start)."""
+        self.backfill.close()
         self._beside.shutdown(wait=True)
         self.store.close()
 
@@ -335,7 +343,8 @@ class Service:
 
         Stored vectors stay as they are and stay searchable (the gate proved the new model's queries beat the
         old model's on the old gallery). Raises NotFound, Unprocessable (not a cloud model) or Conflict
-        (older, another space, or failing the gate: it could only start a new space, which needs a backfill).
+        (older, another space, or failing the gate: it could only start a new space, which needs a backfill; or
+        while a backfill runs, which re-encodes with the active model).
         """
         with self._upgrade_lock:
             start = time.perf_counter()
@@ -347,6 +356,9 @@ class Service:
             if entry.role != "cloud":
                 raise Unprocessable(f"{model_id!r} is an {entry.role} model: only a cloud model indexes photos "
                                     f"(devices query with edge models; they need no server upgrade)")
+            if self.backfill.running:
+                raise Conflict(f"refusing to change the active model while a backfill to {previous!r} runs: wait for "
+                               f"it (GET /v1/backfill), then upgrade", active_model=previous)
             if model_id == previous:
                 return self._upgrade_answer(previous, model_id, None, start, changed=False)
             verdict = check_gate(self.manifest, model_id, previous)
@@ -383,6 +395,32 @@ class Service:
             answer.update(catalogue_rows=len(catalogue), index_vectors=len(index), consistent=catalogue == index)
         return answer
 
+    # ----- backfill ----------------------------------------------------------------------------------------
+
+    def start_backfill(self, share: float = 1.0) -> dict[str, Any]:
+        """Start re-encoding the stored photos of older models with the active one, in the background (see
+        `server.backfill`); `share` in (0, 1] stops after that share of them. 409 while one runs, or when the
+        active model is not a cloud model of this release."""
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise Unprocessable(f"share must be a number in (0, 1] (the part of the photos to re-encode), not {share}")
+        with self._upgrade_lock:  # no upgrade between reading the active model and starting the job
+            self._follow_gallery()
+            entry = self.manifest.models.get(self._active)
+            if entry is None or entry.role != "cloud":
+                raise Conflict(f"the active model {self._active!r} is not a cloud model of release "
+                               f"{self.release_name}: a backfill re-encodes with the active cloud model")
+            return self.backfill.start(self._active, float(share))
+
+    def backfill_status(self) -> dict[str, Any]:
+        """The backfill job: state, target model, counts, rate and ETA (the last job, once it ended)."""
+        return self.backfill.status()
+
+    def backfilled(self, model_id: str, count: int) -> None:
+        """Count photos a backfill re-encoded with `model_id`, and publish the gallery's new counts."""
+        if count:
+            self.metrics.backfilled.labels(model=model_id).inc(count)
+            self.metrics.set_gallery(self.store.counts())
+
     # ----- encoding -----------------------------------------------------------------------------------------
 
     def _encode_uploads(self, model_id: str, photos: list[tuple[bytes, str]]) -> np.ndarray:
@@ -391,16 +429,43 @@ class Service:
         chunks = [np.zeros((0, encoder.dim), dtype=np.float32)]
         for first in range(0, len(photos), ENCODE_BATCH):
             start = time.perf_counter()
-            inputs = []
-            for data, name in photos[first:first + ENCODE_BATCH]:
-                with self._decode_slots:  # the decoded pixels live only inside this block
-                    inputs.append(preprocess(decode_photo(data, name), encoder.preprocess))
-            chunks.append(encoder.encode_arrays(np.stack(inputs)))
-            self.metrics.encode_seconds.labels(model=model_id).observe(time.perf_counter() - start)
-            self.metrics.encoded.labels(model=model_id).inc(len(inputs))
-            with self._count_lock:
-                self.encoded_photos += len(inputs)
+            inputs = [self._model_input(data, name, encoder) for data, name in photos[first:first + ENCODE_BATCH]]
+            chunks.append(self._encode_inputs(model_id, encoder, inputs, start))
         return np.concatenate(chunks)
+
+    def encode_stored(self, model_id: str, photos: list[tuple[int, bytes]]) -> tuple[list[int], np.ndarray,
+                                                                                     list[tuple[int, str]]]:
+        """Encode stored photos (a backfill): the ids and vectors of those that decode, and (id, why) of those that
+        do not (reported, not raised: one bad photo never stops a backfill)."""
+        encoder = self.release.encoder(model_id, threads=self.threads)
+        ids, chunks, failed = [], [np.zeros((0, encoder.dim), dtype=np.float32)], []
+        for first in range(0, len(photos), ENCODE_BATCH):
+            start = time.perf_counter()
+            inputs = []
+            for photo_id, data in photos[first:first + ENCODE_BATCH]:
+                try:
+                    inputs.append(self._model_input(data, f"photo {photo_id}", encoder))
+                    ids.append(photo_id)
+                except ServiceError as err:
+                    failed.append((photo_id, err.message))
+            if inputs:
+                chunks.append(self._encode_inputs(model_id, encoder, inputs, start))
+        return ids, np.concatenate(chunks), failed
+
+    def _model_input(self, data: bytes, name: str, encoder: OnnxEncoder) -> np.ndarray:
+        """One photo decoded and preprocessed, in a decode slot (its full-size pixels live only inside it)."""
+        with self._decode_slots:
+            return preprocess(decode_photo(data, name), encoder.preprocess)
+
+    def _encode_inputs(self, model_id: str, encoder: OnnxEncoder, inputs: list[np.ndarray],
+                       start: float) -> np.ndarray:
+        """Encode preprocessed photos as one batch and count them (metrics, `encoded_photos`)."""
+        vectors: np.ndarray = encoder.encode_arrays(np.stack(inputs))
+        self.metrics.encode_seconds.labels(model=model_id).observe(time.perf_counter() - start)
+        self.metrics.encoded.labels(model=model_id).inc(len(inputs))
+        with self._count_lock:
+            self.encoded_photos += len(inputs)
+        return vectors
 
 
 def _name(upload: Upload, index: int) -> str:

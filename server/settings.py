@@ -60,6 +60,9 @@ class Settings:
     snapshot_every: int = 1000
     """Changes after which the FAISS index snapshot is rewritten in the background (0: only at shutdown): a crash
     after long uptime replays at most about this many changes at the next start."""
+    backfill_batch: int = 16
+    """Photos a backfill re-encodes and swaps at a time: a shutdown stops it between two batches, and its
+    progress is recorded after each."""
     keep_bytes: bool = True
     """Keep each photo's bytes (content-addressed): without them no later backfill is possible."""
     index: str = "flat"
@@ -83,7 +86,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         for name in ("port", "max_request_bytes", "max_files", "max_request_pixels", "max_metadata_bytes",
-                     "faiss_threads", "milvus_timeout"):
+                     "faiss_threads", "milvus_timeout", "backfill_batch"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be a positive integer, got {getattr(self, name)}")
         if self.snapshot_every < 0:

@@ -2,11 +2,12 @@
 
 Status codes (every error body is `ErrorOut`, documented per route): 400 an unparseable body; 401 no API key,
 403 a wrong one; 404 an unknown photo (and an unknown model to upgrade to); 409 a query model this gallery cannot
-be searched with (unknown to the release, another space, or not joined by lineage) and an upgrade the
-compatibility gate refuses; 413 a request too large (bytes, pixels, metadata per photo); 415 a file that is no
-image by its bytes; 422 a photo that cannot be decoded (truncated, decompression bomb), an embedding of the wrong
-dim, not finite or not unit norm, refused JSON (NaN, beyond int64, too deep), an unknown `match`, and
-`match=duplicate` in a space without a photo fingerprint.
+be searched with (unknown to the release, another space, or not joined by lineage), an upgrade the compatibility
+gate refuses, a backfill while one runs and an upgrade during a backfill; 413 a request too large (bytes, pixels,
+metadata per photo); 415 a file that is no image by its bytes; 422 a photo that cannot be decoded (truncated,
+decompression bomb), an embedding of the wrong dim, not finite or not unit norm, refused JSON (NaN, beyond int64,
+too deep), an unknown `match`, `match=duplicate` in a space without a photo fingerprint, and a backfill share
+outside (0, 1].
 
 Every search takes `match`: `similar` (default; what the photo shows) or `duplicate` (the same photo, cropped,
 resized or re-saved: the query's pixel fingerprint counts as much as its semantic part; see `models.match`).
@@ -26,6 +27,8 @@ from server.api.schemas import (
     INT64,
     MATCH_HELP,
     AddResponse,
+    BackfillRequest,
+    BackfillStatus,
     EmbeddingQuery,
     LookupRequest,
     LookupResponse,
@@ -34,6 +37,7 @@ from server.api.schemas import (
     PhotoOut,
     SearchResponse,
     UpgradeRequest,
+    backfill_out,
     errors,
     photo_out,
     search_query,
@@ -173,6 +177,22 @@ async def upgrade_model(service: ServiceDep, body: UpgradeRequest) -> dict[str, 
     stored vectors stay and stay searchable. A model that fails the gate gets 409: it could only start a new
     space, which needs a backfill."""
     return await run_in_threadpool(service.upgrade, body.model_id)
+
+
+@router.post("/backfill", dependencies=write, status_code=202, response_model=BackfillStatus, tags=["models"],
+             responses=errors(409))
+async def start_backfill(service: ServiceDep, body: BackfillRequest | None = None) -> BackfillStatus:
+    """Re-encode the stored photos of older models with the active cloud model, from their kept bytes, in the
+    background while searches and adds go on; the photos the release's backfill scorers rank highest go first, and
+    `share` stops after that part. Resumed after a restart. 409 while one runs (one at a time)."""
+    status = await run_in_threadpool(service.start_backfill, body.share if body else 1.0)
+    return backfill_out(status)
+
+
+@router.get("/backfill", dependencies=read, response_model=BackfillStatus, tags=["models"], responses=errors())
+async def backfill_status(service: ServiceDep) -> BackfillStatus:
+    """The backfill job: state, photos done of the total, skipped and failed ones, rate and ETA."""
+    return backfill_out(await run_in_threadpool(service.backfill_status))
 
 
 @router.get("/stats", dependencies=read, tags=["models"], responses=errors())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
@@ -57,7 +57,7 @@ ERROR_TEXT = {
     403: "A wrong API key.",
     404: "No photo with this id (or no model of this id to upgrade to).",
     409: "The query model cannot search this gallery (not in the release, another space, not joined by lineage), "
-         "or the compatibility gate refuses the upgrade.",
+         "the compatibility gate refuses the upgrade, or a backfill runs already (an upgrade waits for it too).",
     413: "The body is over CONCORD_MAX_REQUEST_BYTES, the photos over CONCORD_MAX_REQUEST_PIXELS or one photo's "
          "metadata over CONCORD_MAX_METADATA_BYTES.",
     415: "A file that is no photo by its bytes.",
@@ -160,6 +160,43 @@ class LookupResponse(BaseModel):
 
 class UpgradeRequest(BaseModel):
     model_id: str = Field(description="The newer cloud model that should index new photos, e.g. cloud-v2.")
+
+
+class BackfillRequest(BaseModel):
+    share: float = Field(1.0, gt=0, le=1, strict=True, allow_inf_nan=False,
+                         description="The part of the photos needing a backfill to re-encode, in the backfill's "
+                                     "order (highest scores first): 0.25 re-encodes the quarter that pays most.")
+
+
+class BackfillStatus(BaseModel):
+    """The backfill job (the last one, once it ended): re-encoding stored photos with the active cloud model."""
+
+    state: Literal["idle", "running", "done", "failed", "interrupted"] = Field(
+        description="idle: none ever ran; interrupted: stopped by a shutdown (the next start resumes it) or by "
+                    "another server changing the active model.")
+    target_model: str | None = Field(None, description="The cloud model re-encoding the photos.")
+    share: float | None = None
+    planned: int | None = Field(None, description="Photos that needed a backfill (with kept bytes) when it began.")
+    total: int | None = Field(None, description="Photos this job re-encodes: share x planned (None while planning).")
+    done: int = 0
+    skipped_no_bytes: int = Field(0, description="Photos left as they are: their bytes were not kept.")
+    skipped_gone: int = Field(0, description="Photos deleted (or re-encoded by another server) while it ran.")
+    failed: int = Field(0, description="Photos whose kept bytes could not be decoded.")
+    failed_ids: list[int] = Field(default_factory=list, description="The first 100 of them.")
+    order: Literal["scorer", "by id"] | None = Field(
+        None, description="scorer: the release's backfill scorers ranked the photos; by id: oldest model first.")
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    rate: float | None = Field(None, description="Photos per second since this server (re)started the job.")
+    eta_s: float | None = Field(None, description="Seconds left at that rate.")
+    resumed: int = Field(0, description="Times a restarted server resumed the job.")
+    message: str = ""
+
+
+def backfill_out(status: dict[str, Any]) -> BackfillStatus:
+    """The answer body of a backfill status (times as datetimes)."""
+    times = {k: None if status.get(k) is None else to_datetime(status[k]) for k in ("started_at", "finished_at")}
+    return BackfillStatus.model_validate({**status, **times})
 
 
 def to_time(value: float | datetime | None) -> float | None:
