@@ -1,4 +1,4 @@
-"""`concord serve | migrate | demo | verify-release | bench`: the server's commands and its benchmarks'.
+"""`concord serve | migrate | backfill | demo | verify-release | bench`: the server's commands and its benchmarks'.
 
 Heavy imports (FastAPI, onnxruntime, FAISS) happen inside the commands; nothing here imports torch.
 """
@@ -6,14 +6,19 @@ Heavy imports (FastAPI, onnxruntime, FAISS) happen inside the commands; nothing 
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import sys
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from models.cli import fail
+from models.cli import DEFAULT_SERVER, SERVER_HELP, fail
+
+if TYPE_CHECKING:
+    from edge.client import ConcordClient
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -139,6 +144,71 @@ def migrate(
     print(report.summary())
     if report.lost:
         raise typer.Exit(1)
+
+
+@app.command()
+def backfill(
+    server: Annotated[str, typer.Option(envvar="CONCORD_SERVER", help=SERVER_HELP)] = DEFAULT_SERVER,
+    api_key: Annotated[str | None, typer.Option(help="API key (env CONCORD_API_KEY)", envvar="CONCORD_API_KEY")]
+    = None,
+    share: Annotated[float, typer.Option(help="The part of the photos needing it to re-encode, those that pay most "
+                                         "first (0 < share <= 1).")] = 1.0,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job with a progress bar until it "
+                                       "ends (--no-wait: start it and return).")] = True,
+    status: Annotated[bool, typer.Option("--status", help="Print the job's status (JSON) and return; start "
+                                         "nothing.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    interval: Annotated[float, typer.Option(help="Seconds between two looks at the job.")] = 1.0,
+) -> None:
+    """Re-encode a server's stored photos with its active cloud model, in the background on the server (searches
+    go on; a restart resumes it), and follow it with a progress bar. A job already running is followed."""
+    from edge.client import RETRIES, ApiError, ConcordClient
+
+    try:
+        with ConcordClient(server, api_key, retries=RETRIES) as client:
+            job = client.request("GET", "/v1/backfill")
+            if status:
+                print(json.dumps(job, indent=2))
+                return
+            if job["state"] == "running":
+                print(f"a backfill to {job['target_model']} is running already; following it", file=sys.stderr)
+            else:
+                job = client.request("POST", "/v1/backfill", json={"share": share})
+            if wait:
+                job = _follow(client, job, progress, interval)
+    except ApiError as err:
+        fail(str(err))
+    _report(job, wait)
+
+
+def _follow(client: ConcordClient, job: dict[str, Any], progress: bool, interval: float) -> dict[str, Any]:
+    """Poll GET /v1/backfill until the job ends, showing photos handled of its total (tqdm on stderr)."""
+    from tqdm import tqdm
+
+    with tqdm(total=job.get("total"), unit="photo", desc="backfill", disable=not progress, smoothing=0.1) as bar:
+        while True:
+            if job.get("total") is not None and bar.total != job["total"]:
+                bar.total = job["total"]
+                bar.refresh()
+            bar.update(job["done"] + job["failed"] + job["skipped_gone"] - bar.n)
+            bar.set_postfix(done=job["done"], failed=job["failed"])
+            if job["state"] != "running":
+                return job
+            time.sleep(max(0.05, interval))
+            job = client.request("GET", "/v1/backfill")
+
+
+def _report(job: dict[str, Any], waited: bool) -> None:
+    """Print how the job ended (or that it started); exit 1 when it failed or stopped, 2 when photos failed."""
+    if not waited:
+        print(f"backfill to {job['target_model']} started: {job['message']} (follow it: concord backfill --status)")
+        return
+    if job["state"] in ("failed", "interrupted"):
+        fail(f"the backfill {job['state']}: {job['message']}")
+    print(f"backfill {job['state']}: {job['message']}")
+    if job["failed"]:
+        print(f"concord: failed to decode: photos {job['failed_ids']}", file=sys.stderr)
+        raise typer.Exit(2)
 
 
 @app.command()
