@@ -222,19 +222,33 @@ class VectorIndex:
             self._index.remove_ids(ids)
 
     def replace(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Swap the vectors of photo ids the index holds (a backfill); HNSW marks the old entries DEAD and adds."""
+        """Swap the vectors of photo ids the index holds (a backfill): a flat index overwrites them in place, HNSW
+        marks the old entries DEAD and adds, a trained IVF index removes and adds."""
         ids = np.asarray(ids, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if not len(ids):
             return
+        view = self._id_map()
         if self.spec.kind == "hnsw":
-            view = self._id_map()
             assert view is not None
             old = np.flatnonzero(np.isin(view, ids))
             view[old] = DEAD
             self._dead += len(old)
+        elif view is not None:  # flat, and IVF before training: FAISS's flat remove would move every vector
+            missing = self._overwrite(view, ids, vectors)
+            ids, vectors = ids[missing], vectors[missing]
         else:
             self.remove(ids)
         self.add(ids, vectors)
+
+    def _overwrite(self, view: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """Write the vectors of the ids a flat index holds over their entries; a mask of the ids it does not hold."""
+        positions = np.flatnonzero(np.isin(view, ids))
+        inner: Any = faiss.downcast_index(self._index.index)
+        stored = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * self.dim).reshape(inner.ntotal, self.dim)
+        row = {int(i): k for k, i in enumerate(ids.tolist())}
+        stored[positions] = vectors[[row[int(i)] for i in view[positions].tolist()]]
+        return ~np.isin(ids, view[positions])
 
     def search(self, query: np.ndarray, n: int) -> Found:
         """The `n` nearest entries to one unit query vector (fewer when the index holds fewer)."""
