@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from models.manifest import BackfillScorer, Manifest
 from models.release import SHIPPED_RELEASE, Release
-from server.backfill import plan
+from server.backfill import BACKFILL_KEY, plan
 from server.service import Service
 from server.store import GalleryStore, NewPhoto
 from tests.server_helpers import (
@@ -313,6 +313,18 @@ def test_a_stopped_backfill_resumes_at_the_next_start_and_keeps_its_share(tiny_r
     with in_process(settings) as client:  # an ended job is shown as it ended, and not run again
         assert client.get("/v1/backfill").json()["state"] == "done"
         assert client.get("/v1/stats").json()["vectors"] == {"cloud-v1": 5, "cloud-v2": 5}
+
+
+def test_an_unfinished_job_for_another_model_is_shown_interrupted_not_run(tiny_release: Path, tmp_path: Path) -> None:
+    settings = tiny_settings(tiny_release, tmp_path)
+    with in_process(settings) as client:
+        add_photos(client, {"a.jpg": make_photo(1)})
+        job = {"state": "running", "target_model": "cloud-v2", "share": 1.0, "total": 1, "cutoff": [1, 0.0, 1]}
+        service_of(client).store.set_setting(BACKFILL_KEY, json.dumps(job))  # as another server left it
+    with in_process(settings) as client:  # this gallery's active model is cloud-v1
+        status = client.get("/v1/backfill").json()
+        assert status["state"] == "interrupted" and "active model is now cloud-v1" in status["message"], status
+        assert client.get("/v1/stats").json()["vectors"] == {"cloud-v1": 1}
 
 
 def concord_backfill(url: str, *args: str, key: str = WRITE["X-API-Key"]) -> subprocess.CompletedProcess[str]:
