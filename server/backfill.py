@@ -93,6 +93,7 @@ def plan(store: Gallery, manifest: Manifest, target: str, stopping: Callable[[],
 
 
 def batches(items: list[Item], size: int) -> Iterator[list[Item]]:
+    """The plan `size` photos at a time: a shutdown stops the job between two of them."""
     for first in range(0, len(items), size):
         yield items[first:first + size]
 
@@ -113,10 +114,12 @@ class Backfill:
 
     @property
     def running(self) -> bool:
+        """Whether the job's thread is at work (planning or re-encoding)."""
         return self._thread is not None and self._thread.is_alive()
 
     @property
     def store(self) -> Gallery:
+        """The service's gallery (the job's record lives in its settings)."""
         return self._service.store
 
     # ----- control ----------------------------------------------------------------------------------------------
@@ -179,6 +182,7 @@ class Backfill:
         return job
 
     def _stored(self) -> dict[str, Any] | None:
+        """The job the gallery recorded last, or None (none, or a record this version cannot read)."""
         raw = self.store.get_setting(BACKFILL_KEY)
         if raw is None:
             return None
@@ -190,6 +194,7 @@ class Backfill:
             return None
 
     def _launch(self, job: dict[str, Any]) -> None:
+        """Record `job` durably, then run it in a thread of its own."""
         self._stop.clear()
         with self._lock:
             self._job, self._run_start, self._run_end = job, None, None
@@ -198,11 +203,13 @@ class Backfill:
         self._thread.start()
 
     def _save(self) -> None:
+        """Write the job's record to the gallery's settings (durable when this returns)."""
         with self._lock:
             record = json.dumps(self._job)
         self.store.set_setting(BACKFILL_KEY, record)
 
     def _update(self, **changes: Any) -> None:
+        """Change fields of the job under the lock (status reads run in other threads)."""
         with self._lock:
             self._job.update(changes)
 
@@ -297,12 +304,14 @@ class Backfill:
             self._job["state"] = "interrupted"
 
     def _summary(self) -> str:
+        """What a finished job did, in one line (its message)."""
         job = self._job
         return (f"{job['done']} photos re-encoded with {job['target_model']} ({job['order']} order); "
                 f"{job['skipped_no_bytes']} without kept bytes, {job['skipped_gone']} deleted meanwhile, "
                 f"{job['failed']} failed")
 
     def _end(self, state: str, message: str) -> None:
+        """Finish the job in `state` and record it (a record that cannot be written stays 'running': resumed)."""
         self._update(state=state, message=message, finished_at=time.time())
         with self._lock:
             self._run_end = time.monotonic()
