@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "benchmark": ("training.cli", "Run the whole benchmark: train every model, then evaluate (resumable)."),
     "fingerprint": ("training.cli", "Fit the space's photo fingerprint (used for near-duplicate search)."),
     "restore": ("training.cli", "Continue the chain from a release: its models' heads into their checkpoints."),
+    "backfill": ("server.cli", "Re-encode stored photos with the active cloud model on the server, in the "
+                               "background (resumable), with a progress bar."),
     "export": ("training.cli", "Export checkpoints to a release folder of ONNX files with a manifest."),
     "quantize": ("edge.cli", "Quantise an edge model to int8 (static QDQ, calibrated on real photos)."),
     "halve": ("edge.cli", "Store a model's weights as fp16 (computed in fp32): half the file, checked on photos."),
