@@ -11,6 +11,7 @@ open-world `pool` photos, label-free. `eval` photos never train anything.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,13 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.atomic import write_atomic
 from models.benchmark.caltech import DISTRACTOR, Benchmark, PhotoSet, load_benchmark
-from models.benchmark.metrics import evaluate_retrieval
+from models.benchmark.metrics import evaluate_retrieval, mixed_take
 from models.benchmark.open_world import NAME as OPEN_WORLD
 from models.benchmark.open_world import OpenWorld, load_open_world
+from models.manifest import BackfillScorer
 from training.arch import arch_parts
+from training.backfill import fit_scorer
 from training.cache import compute_features, feature_matrix, fingerprint_features
 from training.evaluate import (
+    BackfillSpec,
     DevicePair,
     FlipPair,
     Labels,
@@ -51,7 +56,7 @@ from training.trainer import (
 
 OPEN_WORLD_GAP = 0.10
 """Largest cross-device gap on the open-world set (64 px photos of categories no model trained on)."""
-RECIPE = ("cloud-v1", "edge-v1", "cloud-v2", "edge-v2", "cloud-v2-independent", "cloud-v2-l2")
+RECIPE = ("cloud-v1", "edge-v1", "cloud-v2", "edge-v2", "cloud-v3", "edge-v3", "cloud-v2-independent", "cloud-v2-l2")
 """Training order: each model's references come before it."""
 
 
@@ -111,7 +116,7 @@ def training_sources(config: TrainConfig, bench: Benchmark, world: OpenWorld | N
         caltech = bench.training_set(config.num_classes)
     else:
         labels = bench.gallery.labels.copy()
-        if config.photos == "gallery" or not config.has_class_loss:
+        if config.photos == "gallery" or not (config.has_class_loss or config.focal_references):
             labels[:] = UNLABELLED
         labels[(labels == DISTRACTOR) | (labels >= config.num_classes)] = UNLABELLED
         caltech = PhotoSet(bench.gallery.paths, labels)
@@ -144,7 +149,23 @@ def training_data(config: TrainConfig, bench: Benchmark, paths: Paths, world: Op
         data.references[ref] = torch.stack([embed_features(encoder, view) for view in ref_features])
         if checkpoint.classifier is not None:
             data.classifiers[ref] = checkpoint.classifier
+    for ref in config.focal_references:
+        data.right[ref] = retrieved_right(data.references[ref][0], labels)
     return data
+
+
+def retrieved_right(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each labelled photo's nearest other labelled photo (cosine) has its label: the model's own
+    leave-one-out top-1 on its training photos, which focal distillation keeps (label-free photos: False)."""
+    right = torch.zeros(len(labels), dtype=torch.bool)
+    keep = torch.nonzero(labels != UNLABELLED).squeeze(1)
+    unit = torch.nn.functional.normalize(embeddings[keep], dim=-1)
+    for start in range(0, len(keep), 2048):
+        sims = unit[start:start + 2048] @ unit.T
+        sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))] = -2.0
+        nearest = keep[sims.argmax(dim=1)]
+        right[keep[start:start + 2048]] = labels[nearest] == labels[keep[start:start + 2048]]
+    return right
 
 
 def finished_checkpoint(model_id: str, needed_by: TrainConfig, paths: Paths) -> Checkpoint:
@@ -238,15 +259,23 @@ def cache_recipe(models: tuple[str, ...], data_root: Path | None, paths: Paths, 
 
 
 def recipe_protocol() -> Protocol:
-    """What the benchmark judges: upgrades, cross-device pairs, the tax, flips and the mixed gallery."""
-    old = ("cloud-v1",)
+    """What the benchmark judges: every upgrade of the chain on every older cloud gallery (v3 against both v2
+    and v1), cross-device pairs, the tax, flips of every upgrade, and the two- and three-generation galleries."""
+    v1, both = ("cloud-v1",), ("cloud-v1", "cloud-v2")
+    queries = ("cloud-v3", "edge-v3", "cloud-v2", "edge-v2", "edge-v1", "cloud-v1")
     return Protocol(
-        upgrades=(UpgradePair("cloud-v2", "cloud-v1", old), UpgradePair("edge-v2", "edge-v1", old),
-                  UpgradePair("cloud-v2-independent", "cloud-v1", old), UpgradePair("cloud-v2-l2", "cloud-v1", old)),
-        cross_device=(DevicePair("edge-v1", "cloud-v1"), DevicePair("edge-v2", "cloud-v2")),
+        upgrades=(UpgradePair("cloud-v2", "cloud-v1", v1), UpgradePair("edge-v2", "edge-v1", v1),
+                  UpgradePair("cloud-v3", "cloud-v2", both), UpgradePair("edge-v3", "edge-v2", both),
+                  UpgradePair("cloud-v3", "cloud-v1", v1), UpgradePair("edge-v3", "edge-v1", v1),
+                  UpgradePair("cloud-v2-independent", "cloud-v1", v1), UpgradePair("cloud-v2-l2", "cloud-v1", v1)),
+        cross_device=(DevicePair("edge-v1", "cloud-v1"), DevicePair("edge-v2", "cloud-v2"),
+                      DevicePair("edge-v3", "cloud-v3")),
         tax=TaxPair("cloud-v2-independent", "cloud-v2"),
-        flips=(FlipPair("cloud-v1", "cloud-v2", "cloud-v1"), FlipPair("edge-v1", "edge-v2", "cloud-v1")),
+        flips=(FlipPair("cloud-v1", "cloud-v2", "cloud-v1"), FlipPair("edge-v1", "edge-v2", "cloud-v1"),
+               FlipPair("cloud-v2", "cloud-v3", "cloud-v2"), FlipPair("edge-v2", "edge-v3", "cloud-v2"),
+               FlipPair("cloud-v2", "cloud-v3", "cloud-v1"), FlipPair("edge-v2", "edge-v3", "cloud-v1")),
         mixed=MixedSpec("cloud-v1", "cloud-v2", ("cloud-v2", "edge-v2", "edge-v1", "cloud-v1")),
+        chain_mixed=MixedSpec("cloud-v2", "cloud-v3", queries, oldest="cloud-v1", oldest_share=0.5),
         matrix=(("edge-v1", "cloud-v2"), ("cloud-v1", "cloud-v2")),
     )
 
@@ -281,6 +310,39 @@ def trunk_reference(models: tuple[str, ...], world: OpenWorld, paths: Paths,
     return rows
 
 
+BACKFILL_TARGET = "cloud-v3"
+"""The cloud model whose backfill order the benchmark fits and judges, from the older cloud models' vectors."""
+BACKFILL_FROM = ("cloud-v1", "cloud-v2")
+
+
+def fit_backfill(target: str, world: OpenWorld, paths: Paths) -> dict[str, Any]:
+    """Fit `target`'s backfill scorers, one per older cloud model, on the open-world pool photos
+    (label-free, never a benchmark gallery), and keep them in RUNS/<target>/backfill.json for the release."""
+    pool = Source(world.image_dir, paths.open_cache, world.pool)
+    new = encode_source(load_checkpoint(paths.checkpoint(target)), pool)
+    fitted = {}
+    for old in BACKFILL_FROM:
+        scorer, rho = fit_scorer(encode_source(load_checkpoint(paths.checkpoint(old)), pool), new)
+        fitted[old] = {"weights": list(scorer.weights), "bias": scorer.bias, "spearman_on_pool": rho}
+    write_atomic(paths.runs / target / "backfill.json", json.dumps(fitted).encode())
+    return fitted
+
+
+def backfill_spec(fitted: dict[str, Any], embedded: dict[str, Embedded]) -> BackfillSpec:
+    """The backfill judged: a gallery half cloud-v1 and half cloud-v2 (the three-generation gallery before
+    cloud-v3 took any photo) re-encoded by cloud-v3, ordered by each photo's own old model's scorer."""
+    start = dataclasses.replace(recipe_protocol().chain_mixed or MixedSpec("cloud-v2", BACKFILL_TARGET, ()),
+                                shares=(0.0,))
+    gallery = {m: g for m in start.generations if (g := embedded[m].gallery) is not None}
+    size = len(gallery[start.old_gallery])
+    holder = np.zeros(size, dtype=bool)
+    holder[mixed_take(size, start.oldest_share, start.seed + 1)] = True
+    score = {m: BackfillScorer(tuple(fitted[m]["weights"]), fitted[m]["bias"]).score(gallery[m])
+             for m in start.generations[:-1]}
+    priority = np.where(holder, score[start.oldest], score[start.old_gallery])
+    return BackfillSpec(start, priority, (BACKFILL_TARGET, "edge-v3"))
+
+
 def evaluate_recipe(models: tuple[str, ...], data_root: Path | None, paths: Paths,
                     train_missing: bool = False, open_root: Path | None = None) -> dict[str, Path]:
     """Embed both benchmarks with every model (training missing ones if asked) and write both reports."""
@@ -290,14 +352,17 @@ def evaluate_recipe(models: tuple[str, ...], data_root: Path | None, paths: Path
         for model_id in models:
             train_model(model_id, bench, paths, world=world)
     embedded = {model_id: embed_model(model_id, bench, paths) for model_id in models}
+    fitted = fit_backfill(BACKFILL_TARGET, world, paths)
     labels = Labels(bench.queries.labels, bench.gallery.labels, bench.is_old_class(bench.queries.labels))
-    report = build_report(_entries(embedded), labels, recipe_protocol())
+    protocol = dataclasses.replace(recipe_protocol(), backfill=backfill_spec(fitted, embedded))
+    report = build_report(_entries(embedded), labels, protocol)
     save_embeddings(embedded, paths.reports / "embeddings")
     written = write_report(report, paths.reports)
     opened = {model_id: embed_open_world(model_id, world, paths) for model_id in models}
     none = np.zeros(len(world.eval), dtype=bool)
     open_labels = Labels(world.eval.labels, world.eval.labels, none, exclude_self=True)
-    open_report = build_report(_entries(opened), open_labels, open_world_protocol(), name=OPEN_WORLD)
+    open_protocol = dataclasses.replace(open_world_protocol(), backfill=backfill_spec(fitted, opened))
+    open_report = build_report(_entries(opened), open_labels, open_protocol, name=OPEN_WORLD)
     open_report["reference"] = trunk_reference(models, world, paths, opened)
     save_embeddings(opened, paths.reports / "embeddings" / OPEN_WORLD)
     written.update({f"{OPEN_WORLD}_{k}": v for k, v in write_report(open_report, paths.reports, OPEN_WORLD).items()})

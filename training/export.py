@@ -24,8 +24,8 @@ from PIL import Image
 from torch import nn
 
 from models.gate import check_gate, default_replaces
+from models.manifest import BackfillScorer, Manifest, ManifestError, ModelEntry, ModelFile, Space
 from models.manifest import Fingerprint as SpaceFingerprint
-from models.manifest import Manifest, ManifestError, ModelEntry, ModelFile, Space
 from models.preprocess import ImageError, Preprocess, load_image, preprocess_batch
 from models.release import sha256_file
 from models.runtime import EncoderError, OnnxEncoder
@@ -243,7 +243,7 @@ def _build(checkpoints: Sequence[str | Path], folder: Path, images: list[Image.I
         entry = model_entry(config, _fingerprint_spec(encoder))
         if entry.id in entries:
             raise ExportError(f"{path}: model id {entry.id!r} comes twice")
-        entries[entry.id] = dataclasses.replace(entry, card=card(config, encoder, path))
+        entries[entry.id] = dataclasses.replace(entry, card=card(config, encoder, path), backfill=backfill_of(path))
     spaces: dict[str, Space] = {}
     for _, encoder, config in loaded:
         entry = entries[config.model_id]
@@ -273,6 +273,15 @@ def _build(checkpoints: Sequence[str | Path], folder: Path, images: list[Image.I
     manifest = Manifest(spaces, entries, release)
     manifest.save(folder / "manifest.json")
     return manifest
+
+
+def backfill_of(checkpoint: Path) -> dict[str, BackfillScorer]:
+    """The backfill scorers `concord evaluate` fitted for this model (backfill.json beside its checkpoint)."""
+    path = checkpoint.parent / "backfill.json"
+    if not path.exists():
+        return {}
+    fitted = json.loads(path.read_text())
+    return {old: BackfillScorer(tuple(f["weights"]), float(f["bias"])) for old, f in fitted.items()}
 
 
 def _fingerprint_spec(encoder: nn.Module) -> FingerprintSpec | None:

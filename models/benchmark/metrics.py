@@ -167,6 +167,11 @@ def ecc(new_metric: float, replaced_metric: float) -> bool:
     return bool(new_metric > replaced_metric)
 
 
+def mixed_take(size: int, share: float, seed: int = 0) -> np.ndarray:
+    """The photos (indices) a mixed gallery of `size` takes from the new model: round(share * size) of them."""
+    return np.random.default_rng(seed).permutation(size)[: round(share * size)]
+
+
 def mixed_gallery(old: np.ndarray, new: np.ndarray, share: float, seed: int = 0) -> np.ndarray:
     """One gallery whose photos are a share `share` encoded by the new model, the rest by the old one.
 
@@ -178,7 +183,7 @@ def mixed_gallery(old: np.ndarray, new: np.ndarray, share: float, seed: int = 0)
         raise ValueError(f"old and new galleries differ in shape: {o.shape} and {n.shape}")
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must lie in [0, 1], got {share}")
-    take = np.random.default_rng(seed).permutation(len(o))[: round(share * len(o))]
+    take = mixed_take(len(o), share, seed)
     mixed = o.copy()
     mixed[take] = n[take]
     return mixed

@@ -14,6 +14,7 @@ from training.evaluate.protocol import (
     ROLES,
     SHARES,
     UPGRADE_METRICS,
+    BackfillSpec,
     DevicePair,
     FlipPair,
     Labels,
@@ -25,7 +26,7 @@ from training.evaluate.protocol import (
 )
 from training.evaluate.report import markdown_report, markdown_table, plot_matrix, plot_mixed, write_report
 
-__all__ = ["GAP_THRESHOLD", "MAIN", "ROLES", "SHARES", "UPGRADE_METRICS", "DevicePair", "Evaluator", "FlipPair",
-           "Labels", "MixedSpec", "ModelEmbeddings", "Protocol", "TaxPair", "UpgradePair", "build_report",
+__all__ = ["GAP_THRESHOLD", "MAIN", "ROLES", "SHARES", "UPGRADE_METRICS", "BackfillSpec", "DevicePair", "Evaluator",
+           "FlipPair", "Labels", "MixedSpec", "ModelEmbeddings", "Protocol", "TaxPair", "UpgradePair", "build_report",
            "manifest_metrics", "markdown_report", "markdown_table", "matrix_pairs", "plot_matrix", "plot_mixed",
            "semantic_common", "write_report"]

@@ -4,15 +4,25 @@ curve. `build_report` returns them as a JSON-ready dict."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from models.benchmark.metrics import DISTRACTOR, RetrievalResult, ecc, evaluate_retrieval, flip_rates, mixed_gallery
+from models.benchmark.metrics import (
+    DISTRACTOR,
+    RetrievalResult,
+    ecc,
+    evaluate_retrieval,
+    flip_rates,
+    mixed_gallery,
+    mixed_take,
+)
 from training.evaluate.protocol import (
     MAIN,
+    REACH_TOLERANCE,
     UPGRADE_METRICS,
+    BackfillSpec,
     DevicePair,
     FlipPair,
     Labels,
@@ -32,7 +42,7 @@ class Evaluator:
         if len(self.models) != len(models):
             raise ValueError(f"duplicate model ids in {[m.id for m in models]}")
         self.labels = labels
-        self._results: dict[tuple[str, str, str, float, int], RetrievalResult] = {}
+        self._results: dict[tuple[Any, ...], RetrievalResult] = {}
         for m in models:
             self._check_sizes(m)
 
@@ -58,18 +68,37 @@ class Evaluator:
 
     def search(self, query: str, gallery: str) -> RetrievalResult:
         """M(query, gallery): queries encoded by `query`, the whole gallery by `gallery`."""
-        return self._run(query, gallery, gallery, 1.0, 0)
+        return self._run(query, (gallery,), lambda: self.gallery(gallery))
 
     def search_mixed(self, query: str, spec: MixedSpec, share: float) -> RetrievalResult:
-        """`query` searching one gallery of which a share `share` is encoded by the new cloud model."""
-        return self._run(query, spec.old_gallery, spec.new_gallery, share, spec.seed)
+        """`query` searching one gallery of which a share `share` is encoded by the new cloud model (the rest by
+        the old one, or by the old and the oldest one)."""
+        key = (*spec.generations, spec.oldest_share, share, spec.seed)
+        return self._run(query, key, lambda: self.mixed_vectors(spec, share))
 
-    def _run(self, query: str, old: str, new: str, share: float, seed: int) -> RetrievalResult:
-        key = (query, old, new, share, seed)
+    def mixed_vectors(self, spec: MixedSpec, share: float) -> np.ndarray:
+        """The mixed gallery of `spec` at `share`."""
+        old = self.gallery(spec.old_gallery)
+        if spec.oldest:
+            old = mixed_gallery(old, self.gallery(spec.oldest), spec.oldest_share, spec.seed + 1)
+        return mixed_gallery(old, self.gallery(spec.new_gallery), share, spec.seed)
+
+    def search_backfilled(self, query: str, spec: BackfillSpec, share: float, ordered: bool) -> RetrievalResult:
+        """`query` searching the gallery after the first `share` of its photos were re-encoded, in the
+        priority order (`ordered`) or a seeded random one."""
+        def build() -> np.ndarray:
+            vectors = self.mixed_vectors(spec.start, 0.0)
+            order = np.argsort(-spec.priority, kind="stable") if ordered else mixed_take(len(vectors), 1.0, spec.seed)
+            done = order[: round(share * len(vectors))]
+            vectors[done] = self.gallery(spec.start.new_gallery)[done]
+            return vectors
+
+        return self._run(query, ("backfill", *spec.start.generations, share, ordered, spec.seed), build)
+
+    def _run(self, query: str, gallery_key: tuple[Any, ...], build: Callable[[], np.ndarray]) -> RetrievalResult:
+        key = (query, *gallery_key)
         if key not in self._results:
-            vectors = self.gallery(new) if old == new else mixed_gallery(self.gallery(old), self.gallery(new),
-                                                                         share, seed)
-            queries, vectors = semantic_common(self.model(query).queries, vectors)
+            queries, vectors = semantic_common(self.model(query).queries, build())
             self._results[key] = evaluate_retrieval(queries, vectors, self.labels.queries, self.labels.gallery,
                                                     self.labels.old_queries, self.labels.exclude_self)
         return self._results[key]
@@ -203,7 +232,26 @@ def _mixed(ev: Evaluator, spec: MixedSpec | None) -> dict[str, Any] | None:
         dips = {m: max(0.0, v[start] - float(np.nanmin(v))) for m, v in values.items()}
         curves.append({"query": q, **values, "max_dip": dips, "points": [r.to_dict() for r in points]})
     return {"old_gallery": spec.old_gallery, "new_gallery": spec.new_gallery, "seed": spec.seed,
-            "shares": list(spec.shares), "curves": curves}
+            "oldest": spec.oldest, "oldest_share": spec.oldest_share, "shares": list(spec.shares), "curves": curves}
+
+
+def _backfill(ev: Evaluator, spec: BackfillSpec | None) -> dict[str, Any] | None:
+    """Recall@1 against the share backfilled, in the scorer's order and a random one, per query model, and the
+    first share at which each order comes within REACH_TOLERANCE of the fully backfilled Recall@1."""
+    if spec is None:
+        return None
+    curves = []
+    for q in spec.query_models:
+        curve: dict[str, Any] = {"query": q}
+        for name, ordered in (("ordered", True), ("random", False)):
+            values = [_figure(ev.search_backfilled(q, spec, s, ordered), "recall@1") for s in spec.shares]
+            full = values[-1]
+            reach = next(s for s, v in zip(spec.shares, values, strict=True) if v >= full - REACH_TOLERANCE)
+            curve[name] = {"recall@1": values, "reaches_full_at": reach}
+        curves.append(curve)
+    return {"start": spec.start.generations[:-1], "oldest_share": spec.start.oldest_share,
+            "new_gallery": spec.start.new_gallery, "shares": list(spec.shares), "tolerance": REACH_TOLERANCE,
+            "seed": spec.seed, "curves": curves}
 
 
 def _clean(value: Any) -> Any:
@@ -240,6 +288,8 @@ def build_report(models: Sequence[ModelEmbeddings], labels: Labels, protocol: Pr
         "tax": _tax(ev, protocol.tax),
         "flips": _flips(ev, protocol.flips),
         "mixed": _mixed(ev, protocol.mixed),
+        "mixed_chain": _mixed(ev, protocol.chain_mixed),
+        "backfill": _backfill(ev, protocol.backfill),
     }
     return dict(_clean(report))
 

@@ -106,18 +106,48 @@ class FlipPair:
 @dataclass(frozen=True)
 class MixedSpec:
     """Mixed gallery: a share p of the photos encoded by `new_gallery`, the rest by `old_gallery`, in one index,
-    searched by each of `query_models`; the photos taken come from one permutation drawn with `seed`."""
+    searched by each of `query_models`; the photos taken come from one permutation drawn with `seed`.
+    With `oldest`, the rest is itself mixed: a share `oldest_share` of it encoded by `oldest` (another seeded
+    permutation), so the gallery holds three generations, as a library does after two upgrades."""
 
     old_gallery: str
     new_gallery: str
     query_models: tuple[str, ...]
     shares: tuple[float, ...] = SHARES
     seed: int = 0
+    oldest: str = ""
+    oldest_share: float = 0.0
 
     def __post_init__(self) -> None:
         if 0.0 not in self.shares or any(not 0.0 <= p <= 1.0 for p in self.shares):
             raise ValueError(f"mixed-gallery shares must lie in [0, 1] and include 0 (the all-old end), "
                              f"got {self.shares}")
+        if not 0.0 <= self.oldest_share <= 1.0 or (self.oldest_share > 0) != bool(self.oldest):
+            raise ValueError(f"a three-generation gallery names its oldest model and a share in (0, 1], got "
+                             f"{self.oldest!r} and {self.oldest_share}")
+
+    @property
+    def generations(self) -> list[str]:
+        """The gallery models the mix holds, oldest first."""
+        return [m for m in (self.oldest, self.old_gallery, self.new_gallery) if m]
+
+
+BACKFILL_SHARES = tuple(i / 10 for i in range(11))
+REACH_TOLERANCE = 0.002
+"""A backfill 'reaches' the fully backfilled Recall@1 at the first share within this of it."""
+
+
+@dataclass(frozen=True, eq=False)
+class BackfillSpec:
+    """Backfilling a gallery to `start.new_gallery`: it starts as `start` at share 0 (the older models' vectors);
+    a share s of its photos is re-encoded, in the order of `priority` (one score per gallery photo, highest
+    first: the shipped scorer's) and in a seeded random order, searched by each of `query_models`."""
+
+    start: MixedSpec
+    priority: np.ndarray
+    query_models: tuple[str, ...]
+    shares: tuple[float, ...] = BACKFILL_SHARES
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,5 +160,8 @@ class Protocol:
     tax: TaxPair | None = None
     flips: tuple[FlipPair, ...] = ()
     mixed: MixedSpec | None = None
+    chain_mixed: MixedSpec | None = None
+    """The three-generation gallery (reported as `mixed_chain`)."""
+    backfill: BackfillSpec | None = None
     gap_threshold: float = GAP_THRESHOLD
     matrix: tuple[tuple[str, str], ...] = ()

@@ -75,16 +75,31 @@ def _flips_markdown(report: dict[str, Any]) -> str:
     return _table(("a", "b", "Gallery", "R@1 a", "R@1 b", "NFR", "PFR", "NFR old", "NFR new"), rows)
 
 
-def _mixed_markdown(report: dict[str, Any]) -> str:
+def _mixed_markdown(mixed: dict[str, Any] | None) -> str:
     """Mixed-gallery Recall@1 per share, per query model, with the largest dip below the all-old end."""
-    mixed = report["mixed"]
     if mixed is None:
         return "No mixed-gallery protocol."
     header = ["Query", *(f"p={p:g}" for p in mixed["shares"]), "max dip R@1", "max dip mAP"]
     rows = [(c["query"], *(_num(v) for v in c["recall@1"]), _num(c["max_dip"]["recall@1"]),
              _num(c["max_dip"]["map"])) for c in mixed["curves"]]
-    return (f"Gallery: a share p encoded by {mixed['new_gallery']}, the rest by {mixed['old_gallery']}, "
+    rest = mixed["old_gallery"]
+    if mixed.get("oldest"):
+        rest = (f"{mixed['oldest_share']:.0%} of it by {mixed['oldest']} and {1 - mixed['oldest_share']:.0%} by "
+                f"{mixed['old_gallery']} (three generations in one index)")
+    return (f"Gallery: a share p encoded by {mixed['new_gallery']}, the rest {rest}, "
             f"in one index (seed {mixed['seed']}); Recall@1.\n\n" + _table(header, rows))
+
+
+def _backfill_markdown(backfill: dict[str, Any]) -> str:
+    """Recall@1 per share backfilled, the scorer's order beside a random one, and where each reaches the end."""
+    header = ["Query", "Order", *(f"{p:.0%}" for p in backfill["shares"]), "reaches full at"]
+    rows = [(c["query"], name, *(_num(v) for v in c[name]["recall@1"]), f"{c[name]['reaches_full_at']:.0%}")
+            for c in backfill["curves"] for name in ("ordered", "random")]
+    start = " and ".join(backfill["start"])
+    return (f"The gallery starts as {start} vectors ({backfill['oldest_share']:.0%} {backfill['start'][0]}) and a "
+            f"share is re-encoded by {backfill['new_gallery']}: first the photos the shipped scorer ranks highest "
+            f"(ordered), or in a random order (seed {backfill['seed']}). 'Reaches full at': the first share within "
+            f"{backfill['tolerance']} of the fully backfilled Recall@1.\n\n" + _table(header, rows))
 
 
 def _reference_markdown(report: dict[str, Any]) -> list[str]:
@@ -116,7 +131,13 @@ def markdown_report(report: dict[str, Any], name: str | None = None) -> str:
         "## Upgrades (ECC on Recall@1 and mAP)", _ecc_markdown(report),
         "## Cross-device gap", _gap_and_tax_markdown(report),
         "## Flip rates (Recall@1)", _flips_markdown(report),
-        "## Mixed gallery", _mixed_markdown(report), f"![Mixed gallery]({name}_mixed.png)",
+        "## Mixed gallery", _mixed_markdown(report["mixed"]), f"![Mixed gallery]({name}_mixed.png)",
+        *([] if not report.get("mixed_chain") else
+          ["## Three-generation mixed gallery", _mixed_markdown(report["mixed_chain"]),
+           f"![Three-generation mixed gallery]({name}_mixed_chain.png)"]),
+        *([] if not report.get("backfill") else
+          ["## Backfill (Recall@1 against the share re-encoded)", _backfill_markdown(report["backfill"]),
+           f"![Backfill]({name}_backfill.png)"]),
         *_reference_markdown(report),
     ]) + "\n"
 
@@ -144,22 +165,41 @@ def plot_matrix(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_mixed(report: dict[str, Any], path: Path) -> None:
+def plot_mixed(report: dict[str, Any], path: Path, key: str = "mixed") -> None:
     """Recall@1 against the share of the gallery encoded by the new cloud model, one line per query model."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    mixed = report["mixed"]
+    mixed = report[key]
     for curve in mixed["curves"] if mixed else []:
         recall = [np.nan if v is None else v for v in curve["recall@1"]]
         ax.plot(mixed["shares"], recall, marker="o", label=_tagged(report, curve["query"]))
     new = mixed["new_gallery"] if mixed else "new model"
-    ax.set(xlabel=f"share of the gallery encoded by {new}", ylabel="Recall@1",
-           title=f"Mixed gallery, {report['benchmark']}")
+    generations = f"{mixed['oldest']} + {mixed['old_gallery']}" if mixed and mixed.get("oldest") else ""
+    ax.set(xlabel=f"share of the gallery encoded by {new}" + (f" (the rest {generations})" if generations else ""),
+           ylabel="Recall@1", title=f"Mixed gallery, {report['benchmark']}")
     ax.grid(alpha=0.3)
     if mixed and mixed["curves"]:
         ax.legend()
+    fig.savefig(path, dpi=120)
+
+
+def plot_backfill(report: dict[str, Any], path: Path) -> None:
+    """Recall@1 against the share of the gallery backfilled: the scorer's order (solid) and a random one (dashed)."""
+    from matplotlib.figure import Figure
+
+    backfill = report["backfill"]
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, curve in enumerate(backfill["curves"]):
+        for name, style in (("ordered", "-"), ("random", "--")):
+            values = [np.nan if v is None else v for v in curve[name]["recall@1"]]
+            ax.plot(backfill["shares"], values, style, marker="o", color=f"C{i}", label=f"{curve['query']}, {name}")
+    ax.set(xlabel=f"share of the gallery re-encoded by {backfill['new_gallery']}", ylabel="Recall@1",
+           title=f"Backfill, {report['benchmark']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.savefig(path, dpi=120)
 
 
@@ -172,4 +212,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path, name: str = "calte
              "matrix": out / f"{name}_matrix.png", "mixed": out / f"{name}_mixed.png"}
     plot_matrix(report, paths["matrix"])
     plot_mixed(report, paths["mixed"])
+    if report.get("mixed_chain"):
+        paths["mixed_chain"] = out / f"{name}_mixed_chain.png"
+        plot_mixed(report, paths["mixed_chain"], "mixed_chain")
+    if report.get("backfill"):
+        paths["backfill"] = out / f"{name}_backfill.png"
+        plot_backfill(report, paths["backfill"])
     return paths

@@ -1,0 +1,1 @@
+"""Tools that measure training choices (never part of the product)."""
