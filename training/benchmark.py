@@ -22,7 +22,7 @@ import torch
 
 from models.atomic import write_atomic
 from models.benchmark.caltech import DISTRACTOR, Benchmark, PhotoSet, load_benchmark
-from models.benchmark.metrics import evaluate_retrieval, mixed_take
+from models.benchmark.metrics import evaluate_retrieval, mixed_gallery
 from models.benchmark.open_world import NAME as OPEN_WORLD
 from models.benchmark.open_world import OpenWorld, load_open_world
 from models.manifest import BackfillScorer
@@ -310,37 +310,29 @@ def trunk_reference(models: tuple[str, ...], world: OpenWorld, paths: Paths,
     return rows
 
 
-BACKFILL_TARGET = "cloud-v3"
-"""The cloud model whose backfill order the benchmark fits and judges, from the older cloud models' vectors."""
-BACKFILL_FROM = ("cloud-v1", "cloud-v2")
-
-
-def fit_backfill(target: str, world: OpenWorld, paths: Paths) -> dict[str, Any]:
-    """Fit `target`'s backfill scorers, one per older cloud model, on the open-world pool photos
-    (label-free, never a benchmark gallery), and keep them in RUNS/<target>/backfill.json for the release."""
+def fit_backfill(chain: MixedSpec, world: OpenWorld, paths: Paths) -> dict[str, Any]:
+    """Fit the backfill scorers of the three-generation gallery's newest model, one per older model it holds, on
+    the open-world pool photos (label-free, never a benchmark gallery), kept in RUNS/<model>/backfill.json for the
+    release."""
     pool = Source(world.image_dir, paths.open_cache, world.pool)
-    new = encode_source(load_checkpoint(paths.checkpoint(target)), pool)
+    new = encode_source(load_checkpoint(paths.checkpoint(chain.new_gallery)), pool)
     fitted = {}
-    for old in BACKFILL_FROM:
+    for old in chain.generations[:-1]:
         scorer, rho = fit_scorer(encode_source(load_checkpoint(paths.checkpoint(old)), pool), new)
         fitted[old] = {"weights": list(scorer.weights), "bias": scorer.bias, "spearman_on_pool": rho}
-    write_atomic(paths.runs / target / "backfill.json", json.dumps(fitted).encode())
+    write_atomic(paths.runs / chain.new_gallery / "backfill.json", json.dumps(fitted).encode())
     return fitted
 
 
-def backfill_spec(fitted: dict[str, Any], embedded: dict[str, Embedded]) -> BackfillSpec:
-    """The backfill judged: a gallery half cloud-v1 and half cloud-v2 (the three-generation gallery before
-    cloud-v3 took any photo) re-encoded by cloud-v3, ordered by each photo's own old model's scorer."""
-    start = dataclasses.replace(recipe_protocol().chain_mixed or MixedSpec("cloud-v2", BACKFILL_TARGET, ()),
-                                shares=(0.0,))
-    gallery = {m: g for m in start.generations if (g := embedded[m].gallery) is not None}
-    size = len(gallery[start.old_gallery])
-    holder = np.zeros(size, dtype=bool)
-    holder[mixed_take(size, start.oldest_share, start.seed + 1)] = True
-    score = {m: BackfillScorer(tuple(fitted[m]["weights"]), fitted[m]["bias"]).score(gallery[m])
-             for m in start.generations[:-1]}
-    priority = np.where(holder, score[start.oldest], score[start.old_gallery])
-    return BackfillSpec(start, priority, (BACKFILL_TARGET, "edge-v3"))
+def backfill_spec(fitted: dict[str, Any], embedded: dict[str, Embedded], chain: MixedSpec) -> BackfillSpec:
+    """The backfill judged: the three-generation gallery `chain` before its newest model took any photo (its
+    oldest and old models' vectors) re-encoded by that model, each photo ordered by its own old model's scorer."""
+    start = dataclasses.replace(chain, shares=(0.0,))
+    score = {m: BackfillScorer(tuple(fitted[m]["weights"]), fitted[m]["bias"]).score(vectors)[:, None]
+             for m in start.generations[:-1] if (vectors := embedded[m].gallery) is not None}
+    # the photos each old model holds, drawn exactly as the gallery's own vectors are (Evaluator.mixed_vectors)
+    priority = mixed_gallery(score[start.old_gallery], score[start.oldest], start.oldest_share, start.seed + 1)
+    return BackfillSpec(start, priority[:, 0], (start.new_gallery, "edge-v3"))
 
 
 def evaluate_recipe(models: tuple[str, ...], data_root: Path | None, paths: Paths,
@@ -352,16 +344,20 @@ def evaluate_recipe(models: tuple[str, ...], data_root: Path | None, paths: Path
         for model_id in models:
             train_model(model_id, bench, paths, world=world)
     embedded = {model_id: embed_model(model_id, bench, paths) for model_id in models}
-    fitted = fit_backfill(BACKFILL_TARGET, world, paths)
+    protocol = recipe_protocol()
+    chain = protocol.chain_mixed
+    assert chain is not None, "the recipe judges a three-generation gallery"
+    fitted = fit_backfill(chain, world, paths)
     labels = Labels(bench.queries.labels, bench.gallery.labels, bench.is_old_class(bench.queries.labels))
-    protocol = dataclasses.replace(recipe_protocol(), backfill=backfill_spec(fitted, embedded))
+    protocol = dataclasses.replace(protocol, backfill=backfill_spec(fitted, embedded, chain))
     report = build_report(_entries(embedded), labels, protocol)
     save_embeddings(embedded, paths.reports / "embeddings")
     written = write_report(report, paths.reports)
     opened = {model_id: embed_open_world(model_id, world, paths) for model_id in models}
     none = np.zeros(len(world.eval), dtype=bool)
     open_labels = Labels(world.eval.labels, world.eval.labels, none, exclude_self=True)
-    open_protocol = dataclasses.replace(open_world_protocol(), backfill=backfill_spec(fitted, opened))
+    open_protocol = dataclasses.replace(open_world_protocol(),
+                                        backfill=backfill_spec(fitted, opened, chain))
     open_report = build_report(_entries(opened), open_labels, open_protocol, name=OPEN_WORLD)
     open_report["reference"] = trunk_reference(models, world, paths, opened)
     save_embeddings(opened, paths.reports / "embeddings" / OPEN_WORLD)
