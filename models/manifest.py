@@ -80,6 +80,15 @@ class BackfillScorer:
     weights: tuple[float, ...]
     bias: float
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackfillScorer:
+        """The scorer of its JSON form `{"weights": [...], "bias": b}` (the manifest checks it first)."""
+        return cls(tuple(float(w) for w in data["weights"]), float(data["bias"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its JSON form, as the manifest stores it."""
+        return {"weights": list(self.weights), "bias": self.bias}
+
     def score(self, vectors: np.ndarray) -> np.ndarray:
         """Scores of old vectors [n, dim] (float32 [n]); higher: re-encode sooner."""
         return np.asarray(vectors, np.float32) @ np.asarray(self.weights, np.float32) + np.float32(self.bias)
@@ -254,7 +263,7 @@ def _entry_to_dict(entry: ModelEntry) -> dict[str, Any]:
     data = {k: v for k, v in vars(entry).items() if k not in ("preprocess", "variants", "parents", "backfill")}
     data["parents"] = list(entry.parents)
     if entry.backfill:
-        data["backfill"] = {m: {"weights": list(s.weights), "bias": s.bias} for m, s in entry.backfill.items()}
+        data["backfill"] = {m: scorer.to_dict() for m, scorer in entry.backfill.items()}
     data["preprocess"] = entry.preprocess.to_dict()
     data["variants"] = {name: vars(f) for name, f in entry.variants.items()}
     return data
@@ -308,7 +317,7 @@ def _backfill(raw: dict[str, Any], where: str, dim: int) -> dict[str, BackfillSc
         if len(weights) != dim or not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
                                           for x in numbers):
             raise ManifestError(f"{swhere}: expected {dim} finite weights and a finite bias")
-        scorers[model_id] = BackfillScorer(tuple(float(x) for x in weights), float(bias))
+        scorers[model_id] = BackfillScorer.from_dict(data)
     return scorers
 
 

@@ -319,7 +319,7 @@ def fit_backfill(chain: MixedSpec, world: OpenWorld, paths: Paths) -> dict[str, 
     fitted = {}
     for old in chain.generations[:-1]:
         scorer, rho = fit_scorer(encode_source(load_checkpoint(paths.checkpoint(old)), pool), new)
-        fitted[old] = {"weights": list(scorer.weights), "bias": scorer.bias, "spearman_on_pool": rho}
+        fitted[old] = {**scorer.to_dict(), "spearman_on_pool": rho}
     write_atomic(paths.runs / chain.new_gallery / "backfill.json", json.dumps(fitted).encode())
     return fitted
 
@@ -328,7 +328,7 @@ def backfill_spec(fitted: dict[str, Any], embedded: dict[str, Embedded], chain: 
     """The backfill judged: the three-generation gallery `chain` before its newest model took any photo (its
     oldest and old models' vectors) re-encoded by that model, each photo ordered by its own old model's scorer."""
     start = dataclasses.replace(chain, shares=(0.0,))
-    score = {m: BackfillScorer(tuple(fitted[m]["weights"]), fitted[m]["bias"]).score(vectors)[:, None]
+    score = {m: BackfillScorer.from_dict(fitted[m]).score(vectors)[:, None]
              for m in start.generations[:-1] if (vectors := embedded[m].gallery) is not None}
     # the photos each old model holds, drawn exactly as the gallery's own vectors are (Evaluator.mixed_vectors)
     priority = mixed_gallery(score[start.old_gallery], score[start.oldest], start.oldest_share, start.seed + 1)

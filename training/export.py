@@ -281,7 +281,7 @@ def backfill_of(checkpoint: Path) -> dict[str, BackfillScorer]:
     if not path.exists():
         return {}
     fitted = json.loads(path.read_text())
-    return {old: BackfillScorer(tuple(f["weights"]), float(f["bias"])) for old, f in fitted.items()}
+    return {old: BackfillScorer.from_dict(f) for old, f in fitted.items()}
 
 
 def _fingerprint_spec(encoder: nn.Module) -> FingerprintSpec | None:

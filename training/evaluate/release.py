@@ -17,7 +17,7 @@ from models.benchmark.open_world import load_open_world
 from models.benchmark.report import shown_path
 from models.release import Release
 from training.evaluate.figures import build_report
-from training.evaluate.protocol import Labels, MixedSpec, ModelEmbeddings, Protocol
+from training.evaluate.protocol import BackfillSpec, Labels, MixedSpec, ModelEmbeddings, Protocol
 from training.evaluate.report import write_report
 
 
@@ -31,9 +31,11 @@ def release_protocol(protocol: Protocol, models: set[str]) -> Protocol:
             return None
         return dataclasses.replace(mixed, query_models=tuple(m for m in mixed.query_models if m in models))
 
-    backfill = protocol.backfill
-    if backfill is not None and held(*backfill.start.generations):
-        backfill = dataclasses.replace(backfill, query_models=tuple(m for m in backfill.query_models if m in models))
+    def kept_backfill(backfill: BackfillSpec | None) -> BackfillSpec | None:
+        if backfill is None or not held(*backfill.start.generations):
+            return None
+        return dataclasses.replace(backfill, query_models=tuple(m for m in backfill.query_models if m in models))
+
     return dataclasses.replace(
         protocol,
         upgrades=tuple(u for u in protocol.upgrades if held(u.new, u.replaced, *u.galleries)),
@@ -41,7 +43,7 @@ def release_protocol(protocol: Protocol, models: set[str]) -> Protocol:
         tax=protocol.tax if protocol.tax and held(protocol.tax.independent, protocol.tax.compatible) else None,
         flips=tuple(f for f in protocol.flips if held(f.a, f.b, f.gallery)),
         mixed=kept(protocol.mixed), chain_mixed=kept(protocol.chain_mixed),
-        backfill=backfill if backfill is not None and held(*backfill.start.generations) else None,
+        backfill=kept_backfill(protocol.backfill),
         matrix=tuple(p for p in protocol.matrix if held(*p)))
 
 
