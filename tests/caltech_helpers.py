@@ -21,7 +21,7 @@ def class_photo(base: np.ndarray, rng: np.random.Generator, noise: float, size: 
 
 
 def make_caltech(root: Path, classes: int = 4, train: int = 4, test: int = 3, background: tuple[int, int] = (3, 2),
-                 noise: float = 60.0, seed: int = 0) -> Path:
+                 noise: float = 60.0, seed: int = 0, size: int = 64) -> Path:
     """Write a dataset folder shaped like Caltech-101: `classes` categories and BACKGROUND_Google (distractors)."""
     rng = np.random.default_rng(seed)
     images = root / "101_ObjectCategories"
@@ -36,7 +36,7 @@ def make_caltech(root: Path, classes: int = 4, train: int = 4, test: int = 3, ba
             for _ in range(count):
                 path = f"{name}/image_{number:04d}.jpg"
                 photo_base = rng.uniform(0, 255, size=(8, 8, 3)) if name == BACKGROUND else base
-                (images / path).write_bytes(class_photo(photo_base, rng, noise))
+                (images / path).write_bytes(class_photo(photo_base, rng, noise, size))
                 lists[listing].append(path)
                 number += 1
     for listing, paths in lists.items():

@@ -91,3 +91,33 @@ def test_training_photos_add_the_pool_label_free_and_never_eval(tmp_path: Path) 
     with pytest.raises(RuntimeError, match="open-world set is needed"):
         training_sources(config, bench, None, Paths())
     np.testing.assert_array_equal(only.photos.labels, bench.training_set(2).labels)
+
+
+def test_a_thumbnail_view_learns_towards_its_full_photos_targets(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from training.benchmark import training_data
+    from training.cache import LOW_SIDE, _load_view, thumbnail
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 150, 3), dtype=np.uint8))
+    small = thumbnail(photo)
+    assert small.size == (LOW_SIDE, LOW_SIDE)
+    np.testing.assert_array_equal(np.asarray(small), np.asarray(photo.crop((30, 0, 120, 90)).resize(
+        (LOW_SIDE, LOW_SIDE), Image.Resampling.BOX)))
+    with pytest.raises(ValueError, match="unknown view"):
+        _load_view(tmp_path, "x.jpg", None, "blurred")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="views must start with 'plain'"):
+        TrainConfig(model_id="x", role="cloud", version=1, arch="lite0", resolution=64, num_classes=2,
+                    losses=[{"kind": "classification"}], distil_views=["low"])  # type: ignore[list-item]
+
+    bench = load_benchmark(make_caltech(tmp_path / "caltech", classes=2, train=2, test=1, size=256))
+    config = TrainConfig(model_id="x", role="cloud", version=1, arch="lite0", resolution=128, num_classes=2,
+                         views=["plain", "low", "flip"], distil_views=["low"],
+                         losses=[{"kind": "relational", "reference": TRUNK}])  # type: ignore[list-item]
+    assert config.target_views == [0, 0, 2]
+    data = training_data(config, bench, Paths(cache=tmp_path / "cache"))
+    plain, low, flip = data.features
+    assert not torch.allclose(low, plain)  # the model sees the thumbnail...
+    target = data.references[TRUNK]
+    torch.testing.assert_close(target[1], target[0])  # ...and learns towards the full photo's trunk features
+    torch.testing.assert_close(target[0] - target[2], plain - flip)

@@ -131,22 +131,24 @@ def training_sources(config: TrainConfig, bench: Benchmark, world: OpenWorld | N
 
 def training_data(config: TrainConfig, bench: Benchmark, paths: Paths, world: OpenWorld | None = None) -> TrainData:
     """Features of the config's training photos plus its frozen references' embeddings and classifiers (the
-    reference `trunk` is the model's own frozen trunk features, centred on the training photos)."""
+    reference `trunk` is the model's own frozen trunk features, centred on the training photos); a distil view's
+    targets are those of the plain photo (`TrainConfig.target_views`)."""
     sources = training_sources(config, bench, world, paths)
     feats = source_features(sources, config.arch, config.resolution, config.views)
     labels = torch.from_numpy(np.concatenate([s.photos.labels for s in sources]))
     data = TrainData(feats, labels)
     if config.init == "parent":
         data.parent = encoder_from_checkpoint(finished_checkpoint(config.replaces, config, paths))
+    targets = config.target_views
     for ref in config.references:
         if ref == TRUNK:
-            data.references[ref] = feats - feats.reshape(-1, feats.shape[-1]).mean(dim=0)
+            data.references[ref] = (feats - feats.reshape(-1, feats.shape[-1]).mean(dim=0))[targets]
             continue
         checkpoint = finished_checkpoint(ref, config, paths)
         encoder = encoder_from_checkpoint(checkpoint)
         ref_cfg = checkpoint.config
         ref_features = source_features(sources, ref_cfg.arch, ref_cfg.resolution, config.views)
-        data.references[ref] = torch.stack([embed_features(encoder, view) for view in ref_features])
+        data.references[ref] = torch.stack([embed_features(encoder, view) for view in ref_features])[targets]
         if checkpoint.classifier is not None:
             data.classifiers[ref] = checkpoint.classifier
     for ref in config.focal_references:

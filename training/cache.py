@@ -28,7 +28,10 @@ from training.arch import build_encoder
 from training.convert import to_onnx
 from training.fingerprint import Fingerprint, colour_layout
 
-VIEWS = ("plain", "flip")
+VIEWS = ("plain", "flip", "low")
+"""How a photo is shown to the trunk: as it is, mirrored, or as a thumbnail (`low`): its centre square shrunk to
+LOW_SIDE pixels, then preprocessed as usual, the way small photos in a library (and the open-world set) look."""
+LOW_SIDE = 64
 CHUNK = 256
 
 
@@ -46,10 +49,22 @@ def cache_path(cache_dir: Path, arch: str, resolution: int, view: str) -> Path:
 
 
 def _load_view(image_dir: Path, rel: str, spec: Preprocess, view: str) -> np.ndarray:
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; known: {VIEWS}")
     image = load_image(image_dir / rel)
     if view == "flip":
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    elif view == "low":
+        image = thumbnail(image)
     return preprocess(image, spec)
+
+
+def thumbnail(image: Image.Image, side: int = LOW_SIDE) -> Image.Image:
+    """The photo's centre square, box-filtered down to side x side pixels."""
+    width, height = image.size
+    square = min(width, height)
+    left, top = (width - square) // 2, (height - square) // 2
+    return image.crop((left, top, left + square, top + square)).resize((side, side), Image.Resampling.BOX)
 
 
 def _batches(image_dir: Path, paths: Sequence[str], spec: Preprocess, view: str,

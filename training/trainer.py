@@ -90,6 +90,10 @@ class TrainConfig:
     whiten: float = 0.5
     """With init='pca': eigenvalue^(-whiten/2) scaling (0: plain PCA, 1: full whitening)."""
     views: list[str] = field(default_factory=lambda: ["plain", "flip"])
+    """How each training photo is shown (training/cache.py VIEWS); a batch draws one view per photo."""
+    distil_views: list[str] = field(default_factory=list)
+    """Views whose targets (the frozen trunk's and reference models' vectors) are those of the plain photo, so the
+    model learns to put e.g. a thumbnail where its full-size photo lands: the teacher sees the sharp photo."""
 
     def __post_init__(self) -> None:
         self.losses = [LossSpec(**spec) if isinstance(spec, dict) else spec for spec in self.losses]
@@ -106,6 +110,9 @@ class TrainConfig:
             raise ValueError(f"{self.model_id}: photos must be one of {PHOTOS}, got {self.photos!r}")
         if self.init not in INITS:
             raise ValueError(f"{self.model_id}: init must be one of {INITS}, got {self.init!r}")
+        if self.views[:1] != ["plain"] or not set(self.distil_views) <= set(self.views) - {"plain"}:
+            raise ValueError(f"{self.model_id}: views must start with 'plain' and distil_views be other views of "
+                             f"them, got views {self.views} and distil_views {self.distil_views}")
         if self.init == "parent" and not self.replaces:
             raise ValueError(f"{self.model_id}: init='parent' starts from the model it replaces; name it in 'replaces'")
 
@@ -117,6 +124,11 @@ class TrainConfig:
     def focal_references(self) -> list[str]:
         """The models whose right answers a focal distillation term keeps."""
         return [spec.reference for spec in self.losses if spec.kind == "focal"]
+
+    @property
+    def target_views(self) -> list[int]:
+        """For each view, the view whose reference vectors are its targets (plain, index 0, for a distil view)."""
+        return [0 if view in self.distil_views else i for i, view in enumerate(self.views)]
 
     @property
     def has_class_loss(self) -> bool:
