@@ -104,6 +104,9 @@ def ship(
                                                         "model's device-int8 file and a cloud model's server-fp16 "
                                                         "one (`concord halve`) where they exist, else the server "
                                                         "file.")] = None,
+    carry: Annotated[Path | None, typer.Option(help="An already shipped release: the models it holds ship with its "
+                                                     "files, as they are (the files that made users' vectors), "
+                                                     "with the new release's figures.")] = None,
 ) -> None:
     """Write a slim release: cloud models' server files (fp16-stored where halved) and edge models' int8 device
     files (what ships)."""
@@ -120,7 +123,7 @@ def ship(
         chosen.update(asked)
         if out.exists() and any(out.iterdir()):
             fail(f"{out} is not empty: ship into an empty (or new) folder so no old file stays behind")
-        shipped = Release.ship(full, out, chosen)
+        shipped = Release.ship(full, out, chosen, Release.load(carry) if carry else None)
     except (ReleaseError, KeyError, ValueError) as err:
         _explain(err)
     size = sum(f.stat().st_size for f in shipped.folder.iterdir())

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from models.manifest import Manifest, ModelFile
+from models.manifest import Manifest, ModelEntry, ModelFile
 from models.runtime import EncoderError, OnnxEncoder
 
 CHUNK = 1 << 20
@@ -26,6 +26,10 @@ SHIPPED_RELEASE = Path(__file__).resolve().parent / "release"
 def resolve_release(path: str | Path | None = None) -> Path:
     """The release folder: the argument, else $CONCORD_RELEASE, else the shipped `models/release`."""
     return Path(path or os.environ.get("CONCORD_RELEASE") or SHIPPED_RELEASE)
+
+
+CARRIED_IDENTITY = ("role", "space", "dim", "version", "parents", "preprocess", "arch", "input", "output")
+"""What a model carried over from a shipped release must share with the new release's entry of it."""
 
 
 class ReleaseError(ValueError):
@@ -104,15 +108,20 @@ class Release:
                     raise ReleaseError(f"{variant} file: {err}") from None
             return self._encoders[key]
 
-    def ship(self, out: str | Path, keep: Mapping[str, str]) -> Release:
+    def ship(self, out: str | Path, keep: Mapping[str, str], carry: Release | None = None) -> Release:
         """Copy a slimmer release to `out`: per model only the `keep[model_id]` variant, as its primary file.
 
-        The shipped edge models are their int8 device files: the server never runs them, devices do.
+        The shipped edge models are their int8 device files: the server never runs them, devices do. A model that
+        the already shipped release `carry` holds too ships as it is there (its files, card and scorers; only the
+        figures come from this release), so the files that made users' vectors never change.
         """
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         models = {}
         for model_id, entry in self.manifest.models.items():
+            if carry is not None and model_id in carry.manifest.models:
+                models[model_id] = self._carried(carry, model_id, out)
+                continue
             variant = keep.get(model_id, "server")
             chosen = self.file(model_id, variant)
             shutil.copyfile(self.path(model_id, variant), out / Path(chosen.file).name)
@@ -121,6 +130,21 @@ class Release:
             models[model_id] = dataclasses.replace(entry, file=kept.file, sha256=kept.sha256, variants=variants)
         dataclasses.replace(self.manifest, models=models).save(out / "manifest.json")
         return Release.load(out)
+
+    def _carried(self, carry: Release, model_id: str, out: Path) -> ModelEntry:
+        """`carry`'s entry of `model_id` with its files copied to `out`, after checking that it is the model this
+        release describes (same identity, lineage, preprocessing and space) and given this release's figures."""
+        old, new = carry.manifest.model(model_id), self.manifest.model(model_id)
+        differ = [key for key in CARRIED_IDENTITY if getattr(old, key) != getattr(new, key)]
+        if carry.manifest.spaces.get(old.space) != self.manifest.spaces.get(new.space):
+            differ.append("space definition")
+        if differ:
+            raise ReleaseError(f"{model_id}: the shipped model and the new release's differ in {differ}, so it cannot "
+                               f"be carried over as it is")
+        for variant, model_file in old.files().items():
+            shutil.copyfile(carry.path(model_id, variant), out / Path(model_file.file).name)
+        variants = {name: dataclasses.replace(f, file=Path(f.file).name) for name, f in old.variants.items()}
+        return dataclasses.replace(old, file=Path(old.file).name, variants=variants, metrics=new.metrics)
 
     def __repr__(self) -> str:
         return f"Release({str(self.folder)!r}, models={sorted(self.manifest.models)})"

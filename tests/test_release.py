@@ -179,6 +179,26 @@ def test_shipped_release_keeps_one_verified_file_per_model(tiny_release: Path, t
     assert vectors.shape == (3, 32)
 
 
+def test_shipping_over_a_shipped_release_keeps_its_files_and_takes_the_new_figures(tiny_release: Path,
+                                                                                  tmp_path: Path) -> None:
+    shipped = Release.load(tiny_release).ship(tmp_path / "shipped", {"edge-v1": "device-fp32"})
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_release, newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    for entry in manifest["models"]:
+        entry["metrics"] = {"benchmark": "newer", "matrix": {}}
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    carried = Release.load(newer).ship(tmp_path / "out", {}, carry=shipped)
+    edge = carried.manifest.model("edge-v1")
+    assert edge.file == "edge-v1.device.onnx" and set(edge.variants) == {"device-fp32"}  # the shipped file...
+    assert (tmp_path / "out" / edge.file).read_bytes() == (tmp_path / "shipped" / edge.file).read_bytes()
+    assert edge.metrics["benchmark"] == "newer"  # ...with the new release's figures
+    next(e for e in manifest["models"] if e["id"] == "cloud-v1")["preprocess"]["interpolation"] = "bilinear"
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReleaseError, match=r"cloud-v1: .* differ in \['preprocess'\]"):
+        Release.load(newer).ship(tmp_path / "out2", {}, carry=shipped)
+
+
 def test_the_ship_command_writes_a_slim_release_and_never_overwrites(tiny_release: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from models.cli import main
