@@ -3,8 +3,8 @@
 It starts the real server (`concord serve` in a child process on a free loopback port) on a temporary (or named,
 empty) data folder with the shipped release, indexes photos with the oldest cloud model, searches with a
 near-duplicate photo encoded on the "device" by the oldest edge model (only its embedding goes over HTTP),
-upgrades the server to the newest cloud model through the API (the gate's verdict, the time, and the count of
-photos encoded before and after: nothing is re-encoded), indexes more photos with the new model, and searches
+upgrades the server through the API to each newer cloud model in turn (the gate's verdict, the time, and the
+count of photos encoded before and after: nothing is re-encoded), indexing more photos with each, and searches
 again from the newest edge model and from the old one: the old photos are still found, beside the new ones.
 """
 
@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +145,9 @@ class Demo:
     def run(self, first: list[tuple[str, bytes]], later: list[tuple[str, bytes]], query_of: str) -> bool:
         """Every step; True when each search found the query's original first."""
         manifest, say = self.release.manifest, self.say
-        old_cloud, new_cloud = manifest.oldest("cloud").id, manifest.newest("cloud").id
+        clouds = [entry.id for entry in manifest.of_role("cloud")]
         old_edge, new_edge = manifest.oldest("edge").id, manifest.newest("edge").id
-        say(f"\n1. Index {len(first)} photos; the server encodes them with {old_cloud}")
+        say(f"\n1. Index {len(first)} photos; the server encodes them with {clouds[0]}")
         say(table(["id", "photo", "encoded by"], self.index(first)))
         query = self.work / "query.jpg"
         original = dict(first)[query_of]
@@ -157,7 +158,30 @@ class Demo:
         rows, tops[f"{old_edge} before"], note = self.search(query, old_edge)
         say(f"   {note}")
         say(table(["rank", "photo", "score", "gallery model"], rows))
-        say(f"\n3. Upgrade the server: {old_cloud} -> {new_cloud} (POST /v1/models/upgrade)")
+        step, upgrades = 3, list(pairwise(clouds))
+        for n, (old_cloud, new_cloud) in enumerate(upgrades):
+            batch = later[n * len(later) // len(upgrades):(n + 1) * len(later) // len(upgrades)]
+            active = self.upgrade(step, old_cloud, new_cloud)
+            say(f"\n{step + 1}. Index {len(batch)} more photos; the server now encodes them with {active}")
+            say(table(["id", "photo", "encoded by"], self.index(batch)))
+            step += 2
+        say(f"\n{step}. The same query after the upgrade, from the new app ({new_edge}) and an old one ({old_edge})")
+        for edge_id in dict.fromkeys((new_edge, old_edge)):
+            rows, tops[f"{edge_id} after"], note = self.search(query, edge_id)
+            say(f"   {note}")
+            say(table(["rank", "photo", "score", "gallery model"], rows))
+        stats = self.server.client.stats()
+        found = all(top == query_of for top in tops.values())
+        say("\n" + table(["search", "top hit", "original found"],
+                         [[name, top, "yes" if top == query_of else "NO"] for name, top in tops.items()], indent=""))
+        say(f"\ngallery: {json.dumps(stats['vectors'])} vectors; photos encoded by the server in all: "
+            f"{stats['encoded_photos']} (= {len(first)} + {len(later)} indexed, nothing re-encoded)")
+        return found
+
+    def upgrade(self, step: int, old_cloud: str, new_cloud: str) -> str:
+        """Put `new_cloud` live through the API and show the gate's verdict and that nothing was re-encoded."""
+        say = self.say
+        say(f"\n{step}. Upgrade the server: {old_cloud} -> {new_cloud} (POST /v1/models/upgrade)")
         before = self.server.client.stats()
         start = time.perf_counter()
         answer = self.server.client.upgrade(new_cloud)
@@ -172,20 +196,7 @@ class Demo:
             f"re-encoded: {after['encoded_photos'] - before['encoded_photos']} (the server's encoder count "
             f"{before['encoded_photos']} -> {after['encoded_photos']}); {before['vectors_total']} stored vectors kept "
             f"as they were")
-        say(f"\n4. Index {len(later)} more photos; the server now encodes them with {answer['active_model']}")
-        say(table(["id", "photo", "encoded by"], self.index(later)))
-        say(f"\n5. The same query after the upgrade, from the new app ({new_edge}) and an old one ({old_edge})")
-        for edge_id in dict.fromkeys((new_edge, old_edge)):
-            rows, tops[f"{edge_id} after"], note = self.search(query, edge_id)
-            say(f"   {note}")
-            say(table(["rank", "photo", "score", "gallery model"], rows))
-        stats = self.server.client.stats()
-        found = all(top == query_of for top in tops.values())
-        say("\n" + table(["search", "top hit", "original found"],
-                         [[name, top, "yes" if top == query_of else "NO"] for name, top in tops.items()], indent=""))
-        say(f"\ngallery: {json.dumps(stats['vectors'])} vectors; photos encoded by the server in all: "
-            f"{stats['encoded_photos']} (= {len(first)} + {len(later)} indexed, nothing re-encoded)")
-        return found
+        return str(answer["active_model"])
 
 
 def run_demo(config: DemoConfig, say: Callable[[str], None] = print) -> int:
