@@ -36,6 +36,22 @@ def test_demo_runs_end_to_end(release_fixture: str, match: str, tmp_path: Path, 
     assert (tmp_path / "data" / "gallery").is_dir()  # a named data folder is kept
 
 
+def test_demo_upgrades_the_shipped_release_through_every_generation(tmp_path: Path) -> None:
+    """The shipped release's three cloud models: v1 -> v2 -> v3, photos indexed by each, nothing re-encoded."""
+    from models.release import SHIPPED_RELEASE
+
+    result = CliRunner().invoke(app, ["demo", "--release", str(SHIPPED_RELEASE), "--threads", "1"])
+    out = result.output
+    assert result.exit_code == 0, out
+    assert "3. Upgrade the server: cloud-v1 -> cloud-v2" in out and "5. Upgrade the server: cloud-v2 -> cloud-v3" in out
+    assert out.count("gate: PASSED") == 2 and "FAIL" not in out
+    assert re.search(r"photos re-encoded: 0 \(the server's encoder count 10 -> 10\); 10 stored vectors kept", out)
+    assert "searched gallery vectors of cloud-v1, cloud-v2, cloud-v3" in out
+    assert '{"cloud-v1": 8, "cloud-v2": 2, "cloud-v3": 3}' in out
+    for search in ("edge-v1 before", "edge-v2 after", "edge-v1 after"):
+        assert re.search(rf"^{search}\s+chelsea\s+yes$", out, re.M), search
+
+
 def test_demo_photo_folder_and_data_folder_checks(tiny_release: Path, tmp_path: Path) -> None:
     photos = tmp_path / "photos"
     (photos / "sub").mkdir(parents=True)
