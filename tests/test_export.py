@@ -68,6 +68,7 @@ def test_the_release_holds_checked_server_and_device_files(exported: Path) -> No
             assert [o.name for o in graph.graph.output] == ["embedding"]
         assert entry.variants["device-fp32"].batch == 1
         assert min(entry.card["export"]["worst_cosine"].values()) >= 0.9999
+        assert entry.card["views"][0] == "plain" and entry.card["distil_views"] == []  # how it saw its photos
     edge = release.manifest.model("edge-v1")
     assert edge.parents == ("cloud-v1",) and edge.space == "test" and release.manifest.spaces["test"].dim == DIM
     assert edge.metrics["matrix"]["edge-v1"]["cloud-v1"]["recall@1"] == pytest.approx(0.78)

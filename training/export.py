@@ -188,6 +188,7 @@ def card(config: TrainConfig, encoder: nn.Module, checkpoint: Path) -> dict[str,
         "photos": config.photos,
         "arch": config.arch, "resolution": config.resolution, "semantic_dim": config.semantic_dim,
         "classes": config.num_classes, "losses": config.to_dict()["losses"], "replaces": config.replaces,
+        "views": config.views, "distil_views": config.distil_views,
         "group": config.group, "checkpoint": checkpoint.name,
         "fingerprint": (f"{spec.kind}: {spec.dims} dims fitted by `concord fingerprint` (model-independent, for "
                         f"near-duplicate search)") if (spec := _fingerprint_spec(encoder)) else None,
