@@ -147,8 +147,10 @@ def training_data(config: TrainConfig, bench: Benchmark, paths: Paths, world: Op
         checkpoint = finished_checkpoint(ref, config, paths)
         encoder = encoder_from_checkpoint(checkpoint)
         ref_cfg = checkpoint.config
-        ref_features = source_features(sources, ref_cfg.arch, ref_cfg.resolution, config.views)
-        data.references[ref] = torch.stack([embed_features(encoder, view) for view in ref_features])[targets]
+        used = sorted(set(targets))  # a distil view's own vectors are never a target: not computed
+        ref_features = source_features(sources, ref_cfg.arch, ref_cfg.resolution, [config.views[i] for i in used])
+        embedded = torch.stack([embed_features(encoder, view) for view in ref_features])
+        data.references[ref] = embedded[[used.index(t) for t in targets]]
         if checkpoint.classifier is not None:
             data.classifiers[ref] = checkpoint.classifier
     for ref in config.focal_references:
