@@ -149,6 +149,11 @@ class BackfillSpec:
     shares: tuple[float, ...] = BACKFILL_SHARES
     seed: int = 0
 
+    @property
+    def generations(self) -> list[str]:
+        """The gallery models the backfill starts from and ends on, oldest first."""
+        return self.start.generations
+
 
 @dataclass(frozen=True)
 class Protocol:

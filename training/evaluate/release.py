@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,21 +21,19 @@ from training.evaluate.figures import build_report
 from training.evaluate.protocol import BackfillSpec, Labels, MixedSpec, ModelEmbeddings, Protocol
 from training.evaluate.report import write_report
 
+Curve = TypeVar("Curve", MixedSpec, BackfillSpec)
+
 
 def release_protocol(protocol: Protocol, models: set[str]) -> Protocol:
     """`protocol` without the pairs that name a model outside `models` (a release ships no baselines)."""
     def held(*ids: str) -> bool:
         return set(ids) <= models
 
-    def kept(mixed: MixedSpec | None) -> MixedSpec | None:
-        if mixed is None or not held(*mixed.generations):
+    def kept(spec: Curve | None) -> Curve | None:
+        """A gallery curve the release can draw (every model it mixes), searched only by the release's models."""
+        if spec is None or not held(*spec.generations):
             return None
-        return dataclasses.replace(mixed, query_models=tuple(m for m in mixed.query_models if m in models))
-
-    def kept_backfill(backfill: BackfillSpec | None) -> BackfillSpec | None:
-        if backfill is None or not held(*backfill.start.generations):
-            return None
-        return dataclasses.replace(backfill, query_models=tuple(m for m in backfill.query_models if m in models))
+        return dataclasses.replace(spec, query_models=tuple(m for m in spec.query_models if m in models))
 
     return dataclasses.replace(
         protocol,
@@ -43,7 +42,7 @@ def release_protocol(protocol: Protocol, models: set[str]) -> Protocol:
         tax=protocol.tax if protocol.tax and held(protocol.tax.independent, protocol.tax.compatible) else None,
         flips=tuple(f for f in protocol.flips if held(f.a, f.b, f.gallery)),
         mixed=kept(protocol.mixed), chain_mixed=kept(protocol.chain_mixed),
-        backfill=kept_backfill(protocol.backfill),
+        backfill=kept(protocol.backfill),
         matrix=tuple(p for p in protocol.matrix if held(*p)))
 
 
