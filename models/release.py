@@ -141,8 +141,9 @@ class Release:
         if differ:
             raise ReleaseError(f"{model_id}: the shipped model and the new release's differ in {differ}, so it cannot "
                                f"be carried over as it is")
-        for variant, model_file in old.files().items():
-            shutil.copyfile(carry.path(model_id, variant), out / Path(model_file.file).name)
+        files = {Path(f.file).name: variant for variant, f in old.files().items()}  # a slim entry names one twice
+        for name, variant in files.items():
+            shutil.copyfile(carry.path(model_id, variant), out / name)
         variants = {name: dataclasses.replace(f, file=Path(f.file).name) for name, f in old.variants.items()}
         return dataclasses.replace(old, file=Path(old.file).name, variants=variants, metrics=new.metrics)
 

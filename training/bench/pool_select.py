@@ -20,7 +20,7 @@ import numpy as np
 from models.benchmark.caltech import PhotoSet, load_benchmark
 from models.benchmark.metrics import evaluate_retrieval
 from models.benchmark.open_world import OpenWorld, load_open_world
-from training.benchmark import Paths, Source, encode_source, train_model
+from training.benchmark import RECIPE, Paths, Source, encode_source, train_model
 from training.trainer import TrainConfig, load_checkpoint
 
 GALLERIES = ("cloud-v1", "cloud-v2", "cloud-v3")
@@ -40,7 +40,7 @@ def measure(config_file: Path) -> dict[str, float]:
     """Train the config on the split pool and return its Recall@1 on the held-out pool categories."""
     config = TrainConfig.from_toml(config_file)
     runs = Path("runs-select") / config_file.stem
-    for model in ("cloud-v1", "edge-v1", "cloud-v2", "edge-v2", "cloud-v3"):
+    for model in RECIPE:
         link = runs / model
         if model != config.model_id and not link.exists() and (Path("runs") / model).exists():
             runs.mkdir(parents=True, exist_ok=True)
