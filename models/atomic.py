@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def write_atomic(path: Path, data: Chunk | Iterable[Chunk], sync_dir: bool = Tru
 
     With `sync_dir=False` the caller syncs `path.parent` itself (once for many files).
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{TMP_SUFFIX}")  # writers never share one
     chunks = [data] if isinstance(data, bytes | bytearray | memoryview) else data
     try:
         with open(tmp, "wb") as handle:

@@ -69,11 +69,13 @@ def _collection(name: str, text: str) -> str:
 
 
 def open_gallery(location: GalleryLocation, data_dir: Path, dim: int, index: IndexSpec, keep_bytes: bool,
-                 token: str = "", timeout: float = 60.0, *, snapshot_every: int = SNAPSHOT_EVERY) -> Gallery:
-    """Open the gallery at `location` for `dim`-dim vectors (photo bytes under `data_dir` for Milvus)."""
+                 token: str = "", timeout: float = 60.0, *, snapshot_every: int = SNAPSHOT_EVERY,
+                 shared: bool = False) -> Gallery:
+    """Open the gallery at `location` for `dim`-dim vectors (photo bytes under `data_dir` for Milvus); `shared`: by
+    one of several worker processes (a Milvus gallery is always shared)."""
     if location.kind == "embedded":
         return GalleryStore(Path(data_dir) / "gallery", dim=dim, index=index, keep_bytes=keep_bytes,
-                            snapshot_every=snapshot_every)
+                            snapshot_every=snapshot_every, shared=shared)
     from server.store.milvus import MilvusGallery
 
     if location.kind == "milvus-lite":

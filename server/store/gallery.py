@@ -5,7 +5,9 @@ Files under `folder`:
                                  the change log (one catalogue sequence per add, delete and replaced vector), settings
     index.faiss                  FAISS snapshot with the highest catalogue sequence it holds (atomic, checksummed)
     photos/ab/cdef...            photo bytes by sha256 (atomic files)
-    .lock                        flock: one open store per folder (another open raises)
+    .lock                        flock: one open store per folder (another open raises), or shared by the worker
+                                 processes of one server (`shared=True`)
+    .write-lock                  flock: the one writing process of a shared store
 
 Write order, so that a SIGKILL at any moment loses no acknowledged write and leaves nothing inconsistent:
     add:    bytes (tmp, fsync, rename, fsync dir) -> SQLite commit (synchronous=FULL) -> FAISS (memory)
@@ -20,6 +22,11 @@ if not).
 Ids are never reused (AUTOINCREMENT), a row changes only by a backfill's replaced vector and model id, and a
 content hash is stored once.
 Thread safety: a readers/writer lock; searches and reads run together, adds/deletes/replacements/settings one at a time.
+
+Shared (several worker processes of one server, each with its own FAISS copy): a write holds `.write-lock` too,
+and every write and every search first replays what the others committed since this process last looked (one
+indexed SQLite read when nothing changed), so an acknowledged write is seen by the next search on any worker.
+Only an exclusive open cleans up after a crash: a shared one never removes files another worker may be writing.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import numpy as np
 from models.atomic import fsync_dir, remove_tmp_files
 from server.rwlock import RWLock
 from server.store.blobs import BlobStore
-from server.store.catalogue import Catalogue, Filter, lock_folder, time_conditions, where_conditions
+from server.store.catalogue import Catalogue, Filter, lock_folder, time_conditions, where_conditions, writing_folder
 from server.store.ranking import ranked_rows
 from server.store.records import (
     AddResult,
@@ -59,7 +66,7 @@ from server.store.records import (
     prepare,
     wanted_models,
 )
-from server.store.recovery import SNAPSHOT_EVERY, PeriodicSnapshots, build_index, load_index
+from server.store.recovery import SNAPSHOT_EVERY, PeriodicSnapshots, build_index, load_index, replay
 from server.vector_index import IndexSpec, VectorIndex
 
 log = logging.getLogger("concord.store")
@@ -75,10 +82,12 @@ class GalleryStore:
     remote = False
 
     def __init__(self, folder: Path, dim: int, index: IndexSpec = FLAT, keep_bytes: bool = True,
-                 *, clock: Callable[[], float] = time.time, snapshot_every: int = SNAPSHOT_EVERY) -> None:
+                 *, clock: Callable[[], float] = time.time, snapshot_every: int = SNAPSHOT_EVERY,
+                 shared: bool = False) -> None:
         """Open (or create) the store in `folder` for `dim`-dim vectors and recover from any crash.
 
-        `clock` gives the `added_at` timestamps (unix seconds); tests pass their own.
+        `clock` gives the `added_at` timestamps (unix seconds); tests pass their own. `shared`: one of several
+        processes serving this folder together (see the module); open it exclusively once before, to recover.
         """
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
@@ -86,6 +95,7 @@ class GalleryStore:
         self.dim = dim
         self.spec = index if isinstance(index, IndexSpec) else IndexSpec(str(index))
         self.keep_bytes = keep_bytes
+        self.shared = shared
         self.scan_after = SCAN_AFTER
         self._clock = clock
         self._db_path = self.folder / "catalog.sqlite"
@@ -98,7 +108,9 @@ class GalleryStore:
         self._blobs: BlobStore | None = None
         self._closed = False
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = lock_folder(self.folder)
+        self._lock_fd: int | None = lock_folder(self.folder, shared)
+        self._write_fd: int | None = os.open(self.folder / ".write-lock", os.O_RDWR | os.O_CREAT, 0o644) if shared \
+            else None
         try:
             self._open()
         except BaseException:
@@ -108,17 +120,19 @@ class GalleryStore:
     # ----- opening and recovery ----------------------------------------------------------------------------
 
     def _open(self) -> None:
-        tmp_removed = len(remove_tmp_files(self.folder))
+        tmp_removed = 0 if self.shared else len(remove_tmp_files(self.folder))
         self._blobs = BlobStore(self._photos)
         self._catalogue = Catalogue(self._db_path)
         self._writer = self._catalogue.writer
         self._store_id = self._catalogue.init_schema(self.dim, self._clock, self.folder)
         fsync_dir(self.folder)  # the catalogue file's own directory entry is durable too
-        self._seq = Catalogue.max_seq(self._writer)
-        self._counts: Counter[str] = Counter(Catalogue.counts(self._writer))
-        # photo files no row references: bytes written before a commit that a crash prevented
-        orphans = self._blob_store().remove_orphans(lambda shard: Catalogue.kept_hashes(self._writer, shard))
-        state, replayed, reason = self._open_index()
+        orphans = 0
+        if not self.shared:  # photo files no row references: bytes written before a commit that a crash prevented
+            orphans = self._blob_store().remove_orphans(lambda shard: Catalogue.kept_hashes(self._writer, shard))
+        with self._catalogue.consistent():  # other workers may commit meanwhile
+            self._seq = Catalogue.max_seq(self._writer)
+            self._counts: Counter[str] = Counter(Catalogue.tallies(self._writer))
+            state, replayed, reason = self._open_index()
         self.recovery = Recovery(state, replayed, reason, tmp_removed, orphans)
         if tmp_removed or orphans:
             log.info("store %s: removed %d temporary files and %d unreferenced photo files left by a crash",
@@ -157,6 +171,45 @@ class GalleryStore:
         assert self._blobs is not None
         return self._blobs
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The write lock (and a shared store's `.write-lock`), with the index level with every commit."""
+        with self._lock.write():
+            self._check_open()
+            if self._write_fd is None:
+                yield
+                return
+            with writing_folder(self._write_fd):
+                self._follow()
+                yield
+
+    def _catch_up(self) -> None:
+        """A shared store: replay what other workers committed since this one last looked (a no-op otherwise)."""
+        if not self.shared or self._closed:
+            return
+        assert self._catalogue is not None
+        with self._catalogue.pooled() as conn:
+            latest = Catalogue.max_seq(conn)
+        if latest != self._index_seq:
+            with self._lock.write():
+                self._check_open()
+                self._follow()
+
+    def _follow(self) -> None:
+        """Apply the catalogue's changes after the index's sequence to FAISS and the counts (write lock held)."""
+        assert self._catalogue is not None
+        with self._catalogue.consistent() as conn:
+            latest = Catalogue.max_seq(conn)
+            if latest == self._index_seq:
+                return
+            try:
+                replay(conn, self._index, self._index_seq, self.dim)
+            except Exception:
+                log.exception("store %s: replaying other workers' changes failed; rebuilding the index", self.folder)
+                self._index = build_index(conn, self.spec, self.dim)
+            self._counts = Counter(Catalogue.tallies(conn))
+            self._seq = self._index_seq = latest
+
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
@@ -179,8 +232,7 @@ class GalleryStore:
         prepared = [prepare(i, photo, self.dim) for i, photo in enumerate(photos)]
         if not prepared:
             return []
-        with self._lock.write():
-            self._check_open()
+        with self._writing():
             conn = self._writer
             known: dict[str, AddResult] = {}
             fresh: list[Prepared] = []
@@ -223,8 +275,7 @@ class GalleryStore:
 
     def delete(self, photo_id: int) -> bool:
         """Remove a photo's row, vector and bytes; False when no photo has this id."""
-        with self._lock.write():
-            self._check_open()
+        with self._writing():
             row = Catalogue.owner(self._writer, int(photo_id))
             if row is None:
                 return False
@@ -247,8 +298,7 @@ class GalleryStore:
         """Swap photos' vectors for `model_id`'s in one transaction, then in FAISS; a photo deleted or no longer
         holding its `expected_model` is left alone (a second backfill never writes twice). The ids swapped."""
         checked = check_replacements(replacements, model_id, self.dim)
-        with self._lock.write():
-            self._check_open()
+        with self._writing():
             start_seq = self._seq
             swapped: list[Replacement] = []
             try:
@@ -274,10 +324,8 @@ class GalleryStore:
     def set_setting(self, key: str, value: str) -> None:
         """Store a setting durably (e.g. the active indexing model)."""
         check_setting(key, value)
-        with self._lock.write():
-            self._check_open()
-            with self._transaction() as conn:
-                Catalogue.set_setting(conn, key, value)
+        with self._writing(), self._transaction() as conn:
+            Catalogue.set_setting(conn, key, value)
 
     # ----- reads -------------------------------------------------------------------------------------------
 
@@ -328,16 +376,19 @@ class GalleryStore:
 
     def counts(self) -> dict[str, int]:
         """Vectors per model id (models with none left out)."""
+        self._catch_up()
         with self._lock.read():
             return {model: n for model, n in sorted(self._counts.items()) if n > 0}
 
     def __len__(self) -> int:
+        self._catch_up()
         with self._lock.read():
             return sum(self._counts.values())
 
     @property
     def sequence(self) -> int:
         """The catalogue sequence: it grows by one per photo added, per photo deleted and per vector replaced."""
+        self._catch_up()
         with self._lock.read():
             return self._seq
 
@@ -348,6 +399,7 @@ class GalleryStore:
 
     def index_ids(self) -> list[int]:
         """Every id a FAISS search can return, sorted (diagnostics)."""
+        self._catch_up()
         with self._lock.read():
             self._check_open()
             return self._index.live_ids().tolist()
@@ -370,6 +422,7 @@ class GalleryStore:
         wanted = wanted_models(models)
         conditions = where_conditions(where) + time_conditions(added_after, added_before)
         need = k + offset
+        self._catch_up()
         with self._reading() as conn:
             present = {m for m, n in self._counts.items() if n > 0}
             if k == 0 or not present or (wanted is not None and not wanted & present):
@@ -420,7 +473,7 @@ class GalleryStore:
             try:
                 if self._saved_seq != self._index_seq:
                     self._write_snapshot()
-                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._writer.execute(f"PRAGMA wal_checkpoint({'PASSIVE' if self.shared else 'TRUNCATE'})")
             finally:
                 self._closed = True
                 self._release()
@@ -433,6 +486,9 @@ class GalleryStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
+        if self._write_fd is not None:
+            os.close(self._write_fd)
+            self._write_fd = None
 
     def __enter__(self) -> GalleryStore:
         return self
