@@ -56,14 +56,15 @@ request changes nothing.
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the release and the store open when it starts (lifespan), not here."""
+def create_app(settings: Settings | None = None, shared: bool = False) -> FastAPI:
+    """Build the app; the release and the store open when it starts (lifespan), not here. `shared`: the app of one
+    of several worker processes serving one store (`concord serve --workers N`)."""
     settings = settings or Settings.from_env()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = await run_in_threadpool(Service.open, settings, metrics)
+        service = await run_in_threadpool(Service.open, settings, metrics, shared)
         log.info("serving release %s (active model %s) with the store in %s", service.release_name,
                  service.active_model, settings.data_dir)
         app.state.service = service

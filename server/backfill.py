@@ -9,16 +9,23 @@ Durability: the job is a gallery setting (BACKFILL_KEY, JSON) written before the
 Its plan is not stored: the photos still to do are those not yet on the target model whose place in the order is
 at or before the plan's last photo (`cutoff`), which a restart finds again from the gallery alone. A service that
 opens on an unfinished job for its active model resumes it.
+
+Several worker processes of one server: the job runs in the one process that holds its claim (a flock on
+`claim`, dropped when the job ends or the process dies); a start in another worker is refused, and every worker's
+status shows the recorded job.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -101,9 +108,11 @@ def batches(items: list[Item], size: int) -> Iterator[list[Item]]:
 class Backfill:
     """The one backfill job of a service: its thread, its status, and its durable record (the BACKFILL_KEY setting)."""
 
-    def __init__(self, service: Service, batch: int) -> None:
+    def __init__(self, service: Service, batch: int, claim: Path | None = None) -> None:
         self._service = service
         self._batch = batch
+        self._claim_path = claim
+        self._claim_fd: int | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,7 +135,7 @@ class Backfill:
 
     def start(self, target: str, share: float) -> dict[str, Any]:
         """Start a job to `target` (the caller holds the service's upgrade lock); 409 while one runs."""
-        if self.running:
+        if self.running or not self._claim():
             status = self.status()
             raise Conflict(f"a backfill to {status['target_model']} is running ({status['done']} of "
                            f"{status['total'] if status['total'] is not None else '?'} photos done): watch GET "
@@ -139,8 +148,14 @@ class Backfill:
         return self.status()
 
     def resume(self) -> None:
-        """At open: resume an unfinished job for the active model; show any other last job as it ended."""
+        """At open: resume an unfinished job for the active model; show any other last job as it ended (a job
+        another worker process runs is left to it)."""
+        if not self._claim():
+            log.info("the gallery's backfill runs in another worker process of this server; this one leaves it")
+            return
         job = self._stored()
+        if job is None or job["state"] != "running":
+            self._unclaim()
         if job is None:
             return
         active = self._service.active_model
@@ -148,6 +163,7 @@ class Backfill:
             job.update(state="interrupted", message=f"the active model is now {active}, not the job's "
                                                     f"{job['target_model']}: POST /v1/backfill to backfill to it")
             self.store.set_setting(BACKFILL_KEY, json.dumps(job))
+            self._unclaim()
         if job["state"] != "running":
             self._job = job
             return
@@ -171,6 +187,9 @@ class Backfill:
         with self._lock:
             job = {k: v for k, v in self._job.items() if k != "cutoff"}
             run_start, run_end = self._run_start, self._run_end
+        stored = None if self.running else self._stored()
+        if stored is not None and stored.get("started_at") != job.get("started_at"):  # a job another worker runs
+            job, run_start = {k: v for k, v in stored.items() if k != "cutoff"}, None
         job["failed_ids"] = list(job.get("failed_ids", []))
         rate = eta = None
         if run_start is not None:
@@ -215,18 +234,41 @@ class Backfill:
 
     # ----- the job ----------------------------------------------------------------------------------------------
 
+    def _claim(self) -> bool:
+        """Take the job's claim for this process (True when it is free or held here already)."""
+        if self._claim_path is None or self._claim_fd is not None:
+            return True
+        fd = os.open(self._claim_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._claim_fd = fd
+        return True
+
+    def _unclaim(self) -> None:
+        if self._claim_fd is not None:
+            os.close(self._claim_fd)  # closing drops the flock
+            self._claim_fd = None
+
     def _run(self) -> None:
-        """The thread: plan (again, when resuming), then re-encode."""
+        """The thread: plan (again, when resuming), then re-encode; the claim is dropped when it ends."""
         try:
             todo = self._todo()
         except Stopped:
             self._pause()
+            self._unclaim()
             return
         except Exception as err:
             log.exception("the backfill could not plan")
             self._end("failed", f"the backfill stopped while planning: {err}")
+            self._unclaim()
             return
-        self._reencode(todo)
+        try:
+            self._reencode(todo)
+        finally:
+            self._unclaim()
 
     def _reencode(self, todo: list[Item]) -> None:
         """Re-encode the plan batch by batch until done, stopped, or the active model changes."""

@@ -19,6 +19,7 @@ from models.cli import DEFAULT_SERVER, SERVER_HELP, fail
 
 if TYPE_CHECKING:
     from edge.client import ConcordClient
+    from server.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -66,6 +67,8 @@ def serve(
                                                           "milvus://host:19530/collection or "
                                                           "milvus-lite:./gallery.db", "embedded"))] = None,
     log_level: Annotated[str | None, typer.Option(help=_env("log_level", "uvicorn log level"))] = None,
+    workers: Annotated[int | None, typer.Option(help=_env("workers", "Server processes over one store, e.g. one per "
+                                                          "core (each holds its own index and models)"))] = None,
 ) -> None:
     """Start the photo-search server (FastAPI + uvicorn) with a release and a gallery (embedded or Milvus)."""
     import logging
@@ -85,7 +88,7 @@ def serve(
                                      auth_reads=auth_reads, model=model, max_request_bytes=max_request_bytes,
                                      max_request_pixels=max_request_pixels, max_metadata_bytes=max_metadata_bytes,
                                      keep_bytes=keep_bytes, threads=threads, faiss_threads=faiss_threads,
-                                     index=index_kind, gallery=gallery, log_level=log_level)
+                                     index=index_kind, gallery=gallery, log_level=log_level, workers=workers)
     except SettingsError as err:
         fail(str(err))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,10 +103,23 @@ def serve(
     try:
         check_store_fits(settings)
         sock = _listen(settings.host, settings.port)
+        if settings.workers > 1:
+            _serve_workers(settings, sock)
+            return
         config = uvicorn.Config(create_app(settings), log_level=settings.log_level, timeout_graceful_shutdown=10)
         uvicorn.Server(config).run(sockets=[sock])
     except (ManifestError, ReleaseError, ValueError, MilvusUnavailable) as err:
         fail(str(err))
+
+
+def _serve_workers(settings: Settings, sock: socket.socket) -> None:
+    """`--workers N`: open the service once exclusively (crash recovery, and every refusal in one line), then run N
+    worker processes sharing the store, the connections dealt out among them (`server.workers`)."""
+    from server.service import Service
+    from server.workers import Supervisor
+
+    Service.open(settings, resume=False).close()
+    Supervisor(settings, sock, settings.workers).run()
 
 
 def _listen(host: str, port: int) -> socket.socket:

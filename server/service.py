@@ -61,7 +61,8 @@ class Service:
     """One release and one gallery store, with the active cloud model that indexes new photos."""
 
     def __init__(self, release: Release, store: Gallery, active_model: str, metrics: Metrics | None = None,
-                 threads: int | None = None, limits: Limits | None = None, backfill_batch: int = ENCODE_BATCH) -> None:
+                 threads: int | None = None, limits: Limits | None = None, backfill_batch: int = ENCODE_BATCH,
+                 backfill_claim: Path | None = None) -> None:
         self.release = release
         self.limits = limits or Limits()
         self._decode_slots = threading.BoundedSemaphore(self.limits.decode_slots)
@@ -79,11 +80,13 @@ class Service:
         manifest_file = Path(release.folder) / "manifest.json"
         self._manifest_digest = hashlib.sha256(manifest_file.read_bytes()).hexdigest() if manifest_file.exists() else ""
         self.metrics.set_gallery(store.counts())
-        self.backfill = Backfill(self, backfill_batch)
+        self.backfill = Backfill(self, backfill_batch, backfill_claim)
 
     @classmethod
-    def open(cls, settings: Settings, metrics: Metrics | None = None) -> Service:
-        """Load and verify the release, open the store in `settings.data_dir`, settle the active model."""
+    def open(cls, settings: Settings, metrics: Metrics | None = None, shared: bool = False,
+             resume: bool = True) -> Service:
+        """Load and verify the release, open the store in `settings.data_dir`, settle the active model; `shared`:
+        as one of the server's several worker processes; `resume`: go on with an unfinished backfill."""
         release = Release.load(settings.release, verify=settings.verify_release)
         set_search_threads(settings.faiss_threads)
         manifest = release.manifest
@@ -93,7 +96,7 @@ class Service:
         data_dir.mkdir(parents=True, exist_ok=True)
         store = open_gallery(GalleryLocation.parse(settings.gallery), data_dir, entry.dim, IndexSpec(settings.index),
                              settings.keep_bytes, settings.milvus_token or "", settings.milvus_timeout,
-                             snapshot_every=settings.snapshot_every)
+                             snapshot_every=settings.snapshot_every, shared=shared)
         try:
             keep_to_one_space(store, entry, gallery_name(settings), settings.release)
             active = store.get_setting(ACTIVE_MODEL_KEY)
@@ -109,8 +112,10 @@ class Service:
             release.encoder(str(active), threads=settings.threads)  # load it now: ready means ready to index
             limits = Limits(max_request_pixels=settings.max_request_pixels,
                             max_metadata_bytes=settings.max_metadata_bytes)
-            service = cls(release, store, str(active), metrics, settings.threads, limits, settings.backfill_batch)
-            service.backfill.resume()  # an unfinished backfill goes on in the background
+            service = cls(release, store, str(active), metrics, settings.threads, limits, settings.backfill_batch,
+                          data_dir / "backfill.claim")
+            if resume:
+                service.backfill.resume()  # an unfinished backfill goes on in the background
             return service
         except BaseException:
             store.close()

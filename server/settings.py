@@ -80,13 +80,16 @@ class Settings:
     faiss_threads: int = 1
     """FAISS threads per search. One: a batch-1 flat search over 1M vectors took 143 ms on one thread and 216 ms
     on FAISS's default (one per core) on two busy cores; concurrent requests use the other cores instead."""
+    workers: int = 1
+    """Server processes answering on the port together, over one store: each holds its own copy of the index and
+    the models (memory grows with each), and searches use one core per worker."""
     verify_release: bool = True
     """Check every release file's sha256 at start."""
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         for name in ("port", "max_request_bytes", "max_files", "max_request_pixels", "max_metadata_bytes",
-                     "faiss_threads", "milvus_timeout", "backfill_batch"):
+                     "faiss_threads", "milvus_timeout", "backfill_batch", "workers"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()}: must be a positive integer, got {getattr(self, name)}")
         if self.snapshot_every < 0:

@@ -192,11 +192,13 @@ class ServerProcess:
     (SIGKILL). With a `launcher` the process is forked from it instead of started from scratch."""
 
     def __init__(self, release: Path, data_dir: Path, model: str = "cloud-v1", api_key: str = API_KEY,
-                 log: Path | None = None, launcher: Launcher | None = None, gallery: str = "embedded") -> None:
+                 log: Path | None = None, launcher: Launcher | None = None, gallery: str = "embedded",
+                 workers: int = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.argv = ["serve", "--release", str(release), "--data-dir", str(data_dir), "--port", str(self.port),
-                     "--model", model, "--log-level", "warning", "--threads", "1", "--gallery", gallery]
+                     "--model", model, "--log-level", "warning", "--threads", "1", "--gallery", gallery,
+                     "--workers", str(workers)]
         self.env = server_env(api_key)
         self.log = log or data_dir.parent / f"server-{self.port}.log"
         self.launcher = launcher

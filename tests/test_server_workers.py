@@ -1,0 +1,97 @@
+"""`concord serve --workers 2`: two real worker processes on one port over one embedded store. Whatever a request
+writes through one worker, the next request on any connection sees; a worker killed by SIGKILL is replaced and
+nothing acknowledged is lost; a backfill runs in one worker while every worker shows it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+from fastapi.testclient import TestClient
+
+from models.release import Release
+from server.app import create_app
+from server.store import GalleryStore
+from tests.server_helpers import WRITE, ServerProcess, add_photos, in_process, make_photo, tiny_settings
+from tests.test_server_backfill import hold, service_of, wait
+
+
+def workers_of(parent: int) -> list[int]:
+    """The server's worker processes (children started by multiprocessing's spawn)."""
+    found = []
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(child))
+    return found
+
+
+def fresh(url: str, method: str, path: str, **kwargs: object) -> httpx.Response:
+    """One request on a connection of its own (the kernel hands each new connection to either worker)."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        return http.request(method, path, **kwargs)  # type: ignore[arg-type]
+
+
+def wait_for(check: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_two_workers_share_one_store_and_survive_one_being_killed(tiny_release: Path, tmp_path: Path) -> None:
+    query = Release.load(tiny_release).encoder("edge-v2").encode_bytes([make_photo(3)])[0]
+    search = {"vector": [float(x) for x in query], "model_id": "edge-v2", "k": 10}
+    with ServerProcess(tiny_release, tmp_path / "data", workers=2) as server:
+        assert server.pid is not None
+        wait_for(lambda: len(workers_of(server.pid)) == 2)  # type: ignore[arg-type]
+        files = [("files", (f"p{i}.jpg", make_photo(i), "image/jpeg")) for i in range(6)]
+        added = fresh(server.url, "POST", "/v1/photos", files=files, headers=WRITE)
+        assert added.status_code == 200, added.text
+        ids = {p["id"] for p in added.json()["photos"]}
+        for _ in range(12):  # read-your-writes on whichever worker answers
+            hits = fresh(server.url, "POST", "/v1/search/embedding", json=search).json()["hits"]
+            assert {h["id"] for h in hits} == ids
+        gone = min(ids)
+        assert fresh(server.url, "DELETE", f"/v1/photos/{gone}", headers=WRITE).status_code == 204
+        for _ in range(12):
+            hits = fresh(server.url, "POST", "/v1/search/embedding", json=search).json()["hits"]
+            assert {h["id"] for h in hits} == ids - {gone}
+        upgraded = fresh(server.url, "POST", "/v1/models/upgrade", json={"model_id": "cloud-v2"}, headers=WRITE)
+        assert upgraded.status_code == 200, upgraded.text
+        time.sleep(1.2)  # each worker re-reads the active model at most once a second
+        assert {fresh(server.url, "GET", "/readyz").json()["active_model"] for _ in range(8)} == {"cloud-v2"}
+
+        victim = workers_of(server.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: len(workers_of(server.pid)) == 2 and victim not in workers_of(server.pid))  # type: ignore[arg-type]
+        wait_for(lambda: fresh(server.url, "GET", "/readyz").status_code == 200)
+        for _ in range(12):
+            stats = fresh(server.url, "GET", "/v1/stats").json()
+            assert stats["photos"] == 5 and stats["vectors"] == {"cloud-v1": 5}
+    dim = Release.load(tiny_release).manifest.model("cloud-v1").dim
+    with GalleryStore(tmp_path / "data" / "gallery", dim=dim) as store:  # stopped cleanly: both saved, agreeing
+        assert store.catalogue_ids() == store.index_ids() == sorted(ids - {gone})
+        assert store.get_setting("active_cloud_model") == "cloud-v2"
+
+
+def test_a_backfill_runs_in_one_worker_and_every_worker_shows_it(tiny_release: Path, tmp_path: Path) -> None:
+    settings = tiny_settings(tiny_release, tmp_path, backfill_batch=2)
+    with in_process(settings) as alone:  # the exclusive open `--workers` makes first
+        add_photos(alone, {f"p{i}.jpg": make_photo(i) for i in range(6)})
+        assert alone.post("/v1/models/upgrade", json={"model_id": "cloud-v2"}, headers=WRITE).status_code == 200
+    with TestClient(create_app(settings, shared=True)) as one, TestClient(create_app(settings, shared=True)) as two:
+        held, go_on = hold(service_of(one), after=0)
+        assert one.post("/v1/backfill", json={}, headers=WRITE).status_code == 202
+        assert held.wait(30)
+        refused = two.post("/v1/backfill", json={}, headers=WRITE)
+        assert refused.status_code == 409 and "is running" in refused.json()["detail"], refused.text
+        shown = two.get("/v1/backfill").json()
+        assert (shown["state"], shown["target_model"]) == ("running", "cloud-v2"), shown
+        go_on.set()
+        assert wait(one)["state"] == "done"
+        assert two.get("/v1/backfill").json()["state"] == "done"
+        assert two.get("/v1/stats").json()["vectors"] == {"cloud-v2": 6}
