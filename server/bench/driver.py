@@ -37,12 +37,12 @@ class Server:
 
     def __init__(self, release: Path, data_dir: Path, log: Path, model: str | None = None,
                  threads: int | None = None, start_timeout: float = 600.0, wrapper: list[str] | None = None,
-                 gallery: str | None = None, index: str | None = None) -> None:
+                 gallery: str | None = None, index: str | None = None, workers: int = 1) -> None:
         self.release, self.data_dir, self.log = Path(release), Path(data_dir), Path(log)
         self.model, self.threads, self.start_timeout = model, threads, start_timeout
         self.wrapper = list(wrapper or [])
         """A command the server runs under, e.g. ['taskset', '-c', '0'] to pin it to one core."""
-        self.gallery, self.index = gallery, index
+        self.gallery, self.index, self.workers = gallery, index, workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -61,6 +61,8 @@ class Server:
             args += ["--gallery", self.gallery]
         if self.index:
             args += ["--index", self.index]
+        if self.workers > 1:
+            args += ["--workers", str(self.workers)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONCORD_")}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()

@@ -1,6 +1,7 @@
 """`concord bench load`: requests per second, p50 and p99 of embedding and photo search at 1, 8 and 32 concurrent
-clients on loopback, for the server on every core and the same server pinned to one core (taskset), in one run;
-then the crash-recovery time of a store after 10,000 ingests with and without periodic index snapshots.
+clients on loopback, for the server on every core (one worker process per core over one store) and the same
+server pinned to one core (taskset), in one run; then the crash-recovery time of a store after 10,000 ingests with
+and without periodic index snapshots.
 
 The gallery is filled through the store's own add path with seeded unit vectors of the release's dim (what
 the search costs does not depend on what the photos show); the photo query is a seeded 640x480 JPEG. The load
@@ -157,7 +158,8 @@ def measure(server: str, kind: str, port: int, request: bytes, clients: int, pla
 
 
 def run_servers(release: Path, work: Path, plan: LoadPlan) -> tuple[list[Point], dict[str, Any]]:
-    """Every point for the server on all cores, then pinned to core 0 (same store, same requests)."""
+    """Every point for the server on all cores, then the same server pinned to core 0 (same store, same requests,
+    one worker process per core in both)."""
     manifest = Manifest.load(release)
     cloud_id = build_gallery(work / "data", manifest, plan.gallery)
     edge = manifest.newest("edge")
@@ -167,7 +169,8 @@ def run_servers(release: Path, work: Path, plan: LoadPlan) -> tuple[list[Point],
     settings = {"all cores": None, "one core": ["taskset", "-c", str(cores[0])]}
     points: list[Point] = []
     for name, wrapper in settings.items():
-        with Server(release, work / "data", work / f"server-{name.replace(' ', '-')}.log", wrapper=wrapper) as server:
+        with Server(release, work / "data", work / f"server-{name.replace(' ', '-')}.log", wrapper=wrapper,
+                    workers=len(cores)) as server:
             requests = search_requests(server.port, edge.id, edge.dim, query_photo())
             for kind in KINDS:
                 for clients in CLIENTS:
@@ -175,7 +178,8 @@ def run_servers(release: Path, work: Path, plan: LoadPlan) -> tuple[list[Point],
                     print(f"  {name:9s} {kind:9s} {clients:2d} clients: {point.rps:7.1f} req/s  p50 "
                           f"{point.p50_ms:6.1f} ms  p99 {point.p99_ms:6.1f} ms  errors {point.errors}", flush=True)
                     points.append(point)
-    return points, {"gallery": plan.gallery, "cloud_model": cloud_id, "edge_model": edge.id, "cores": len(cores)}
+    return points, {"gallery": plan.gallery, "cloud_model": cloud_id, "edge_model": edge.id, "cores": len(cores),
+                    "workers": len(cores)}
 
 
 def _ingest_and_die(folder: Path, dim: int, plan: LoadPlan, snapshot_every: int, kind: str) -> None:
@@ -249,7 +253,8 @@ def main(quick: bool = False, release: Path | None = None, out: Path | None = No
     report = {**header(), "plan": asdict(plan), "setup": setup, "release": shown_path(release),
               "points": [asdict(p) for p in points], "recovery": recovered}
     write_json(out, "load", report)
-    markdown = (f"# Load on loopback ({setup['cores']} cores, {plan.gallery:,} photos, {plan.seconds:g} s per point)"
+    markdown = (f"# Load on loopback ({setup['cores']} cores, {setup['workers']} worker processes, {plan.gallery:,} "
+                f"photos, {plan.seconds:g} s per point)"
                 f"\n\n{table(points)}\n\n## Recovery after {plan.ingests:,} ingests and SIGKILL\n\n"
                 "| index | snapshot every | state | changes replayed | reopen s |\n|---|---:|---|---:|---:|\n"
                 + "\n".join(f"| {r['index']} | {r['snapshot_every'] or 'shutdown only'} | {r['state']} | "
