@@ -98,9 +98,12 @@ class Settings:
         if self.threads is not None and self.threads <= 0:
             raise SettingsError(f"{PREFIX}THREADS: must be a positive integer, got {self.threads}")
         try:
-            GalleryLocation.parse(self.gallery)
+            location = GalleryLocation.parse(self.gallery)
         except ValueError as err:
             raise SettingsError(f"{PREFIX}GALLERY: {err}") from None
+        if self.workers > 1 and location.kind == "milvus-lite":
+            raise SettingsError(f"{PREFIX}WORKERS: Milvus Lite keeps its file in one process; serve it with one "
+                                f"worker, or use a Milvus server (milvus://host:19530) or the embedded store")
         if self.api_key is not None and not self.api_key.strip():
             raise SettingsError(f"{PREFIX}API_KEY: must not be blank (unset it to leave writes open)")
 

@@ -36,6 +36,8 @@ def test_environment_then_command_line() -> None:
     ({"CONCORD_AUTH_READS": "maybe"}, "CONCORD_AUTH_READS: expected true/false"),
     ({"CONCORD_MAX_REQUEST_BYTES": "0"}, "CONCORD_MAX_REQUEST_BYTES: must be a positive integer"),
     ({"CONCORD_FAISS_THREADS": "0"}, "CONCORD_FAISS_THREADS: must be a positive integer"),
+    ({"CONCORD_WORKERS": "0"}, "CONCORD_WORKERS: must be a positive integer"),
+    ({"CONCORD_WORKERS": "2", "CONCORD_GALLERY": "milvus-lite:./g.db"}, "CONCORD_WORKERS: Milvus Lite keeps its file"),
 ])
 def test_bad_settings_name_their_variable(env: dict[str, str], fragment: str) -> None:
     with pytest.raises(SettingsError, match=fragment):
