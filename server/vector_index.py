@@ -148,6 +148,24 @@ class Snapshot:
         write_atomic(path, [MAGIC, struct.pack("<Q", len(header)), header, *body])
 
 
+def entry_positions(view: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The entry of each of `ids` in the id map `view`, -1 where it holds none. A binary search first: a flat index
+    keeps its ids ascending (the store adds in id order and never reuses one), so a backfill batch costs
+    O(k log n), not a scan of the whole map per batch; any id it misses is looked for by a full scan."""
+    where = np.full(len(ids), -1, dtype=np.int64)
+    if not len(view) or not len(ids):
+        return where
+    guess = np.minimum(np.searchsorted(view, ids), len(view) - 1)
+    hit = view[guess] == ids
+    where[hit] = guess[hit]
+    if not hit.all():
+        rest = np.flatnonzero(~hit)
+        found = np.flatnonzero(np.isin(view, ids[rest]))
+        entry = {int(i): k for k, i in zip(found.tolist(), view[found].tolist(), strict=True)}
+        where[rest] = [entry.get(int(i), -1) for i in ids[rest].tolist()]
+    return where
+
+
 class VectorIndex:
     """One FAISS index of (photo id, unit vector) under inner product, with deletes for every kind."""
 
@@ -243,12 +261,12 @@ class VectorIndex:
 
     def _overwrite(self, view: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
         """Write the vectors of the ids a flat index holds over their entries; a mask of the ids it does not hold."""
-        positions = np.flatnonzero(np.isin(view, ids))
+        where = entry_positions(view, ids)
+        held = where >= 0
         inner: Any = faiss.downcast_index(self._index.index)
         stored = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * self.dim).reshape(inner.ntotal, self.dim)
-        row = {int(i): k for k, i in enumerate(ids.tolist())}
-        stored[positions] = vectors[[row[int(i)] for i in view[positions].tolist()]]
-        return ~np.isin(ids, view[positions])
+        stored[where[held]] = vectors[held]
+        return ~held
 
     def search(self, query: np.ndarray, n: int) -> Found:
         """The `n` nearest entries to one unit query vector (fewer when the index holds fewer)."""

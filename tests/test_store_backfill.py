@@ -14,6 +14,7 @@ import pytest
 from server.store import GalleryStore, IndexSpec
 from server.store.milvus import MilvusGallery
 from server.store.records import Replacement
+from server.vector_index import entry_positions
 from tests.store_helpers import DIM, KINDS, photo, unit
 
 
@@ -128,3 +129,12 @@ def test_hnsw_keeps_one_live_entry_per_photo_and_compacts_at_open(tmp_path: Path
     with GalleryStore(tmp_path / "g", DIM, kind) as store:
         assert store.recovery.index == "rebuilt" and "compacting" in str(store.recovery.reason)
         assert store.search(unit(3000 + ids[3]), k=1)[0].id == ids[3]
+
+
+def test_entry_positions_finds_every_held_id_in_a_sorted_or_shuffled_id_map() -> None:
+    view = np.array([3, 5, 8, 13, 21, 34], dtype=np.int64)  # a flat index: ascending ids
+    asked = np.array([21, 4, 3, 34, 99], dtype=np.int64)
+    assert entry_positions(view, asked).tolist() == [4, -1, 0, 5, -1]
+    shuffled = np.array([8, 34, 3, 21, 13, 5], dtype=np.int64)  # a binary search alone would miss ids here
+    assert entry_positions(shuffled, asked).tolist() == [3, -1, 2, 1, -1]
+    assert entry_positions(np.zeros(0, np.int64), asked).tolist() == [-1] * 5
