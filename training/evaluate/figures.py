@@ -83,17 +83,17 @@ class Evaluator:
             old = mixed_gallery(old, self.gallery(spec.oldest), spec.oldest_share, spec.seed + 1)
         return mixed_gallery(old, self.gallery(spec.new_gallery), share, spec.seed)
 
-    def search_backfilled(self, query: str, spec: BackfillSpec, share: float, ordered: bool) -> RetrievalResult:
+    def search_backfilled(self, query: str, spec: BackfillSpec, share: float, seed: int | None) -> RetrievalResult:
         """`query` searching the gallery after the first `share` of its photos were re-encoded, in the
-        priority order (`ordered`) or a seeded random one."""
+        priority order (`seed` None) or the random one drawn with `seed`."""
         def build() -> np.ndarray:
             vectors = self.mixed_vectors(spec.start, 0.0)
-            order = np.argsort(-spec.priority, kind="stable") if ordered else mixed_take(len(vectors), 1.0, spec.seed)
+            order = np.argsort(-spec.priority, kind="stable") if seed is None else mixed_take(len(vectors), 1.0, seed)
             done = order[: round(share * len(vectors))]
             vectors[done] = self.gallery(spec.start.new_gallery)[done]
             return vectors
 
-        return self._run(query, ("backfill", *spec.start.generations, share, ordered, spec.seed), build)
+        return self._run(query, ("backfill", *spec.start.generations, share, seed), build)
 
     def _run(self, query: str, gallery_key: tuple[Any, ...], build: Callable[[], np.ndarray]) -> RetrievalResult:
         key = (query, *gallery_key)
@@ -240,18 +240,23 @@ def _backfill(ev: Evaluator, spec: BackfillSpec | None) -> dict[str, Any] | None
     first share at which each order comes within REACH_TOLERANCE of the fully backfilled Recall@1."""
     if spec is None:
         return None
+    def curve(q: str, seed: int | None) -> list[float]:
+        return [_figure(ev.search_backfilled(q, spec, s, seed), "recall@1") for s in spec.shares]
+
+    def reach(values: list[float]) -> float:
+        return next(s for s, v in zip(spec.shares, values, strict=True) if v >= values[-1] - REACH_TOLERANCE)
+
     curves = []
     for q in spec.query_models:
-        curve: dict[str, Any] = {"query": q}
-        for name, ordered in (("ordered", True), ("random", False)):
-            values = [_figure(ev.search_backfilled(q, spec, s, ordered), "recall@1") for s in spec.shares]
-            full = values[-1]
-            reach = next(s for s, v in zip(spec.shares, values, strict=True) if v >= full - REACH_TOLERANCE)
-            curve[name] = {"recall@1": values, "reaches_full_at": reach}
-        curves.append(curve)
+        ordered = curve(q, None)
+        draws = [curve(q, seed) for seed in spec.random_seeds]
+        median = np.median(np.array(draws, dtype=np.float64), axis=0).tolist()
+        curves.append({"query": q, "ordered": {"recall@1": ordered, "reaches_full_at": reach(ordered)},
+                       "random": {"recall@1": median, "reaches_full_at": reach(median),
+                                  "each_reaches_full_at": [reach(d) for d in draws]}})
     return {"start": spec.start.generations[:-1], "oldest_share": spec.start.oldest_share,
             "new_gallery": spec.start.new_gallery, "shares": list(spec.shares), "tolerance": REACH_TOLERANCE,
-            "seed": spec.seed, "curves": curves}
+            "random_seeds": list(spec.random_seeds), "curves": curves}
 
 
 def _clean(value: Any) -> Any:

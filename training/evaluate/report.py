@@ -93,13 +93,21 @@ def _mixed_markdown(mixed: dict[str, Any] | None) -> str:
 def _backfill_markdown(backfill: dict[str, Any]) -> str:
     """Recall@1 per share backfilled, the scorer's order beside a random one, and where each reaches the end."""
     header = ["Query", "Order", *(f"{p:.0%}" for p in backfill["shares"]), "reaches full at"]
-    rows = [(c["query"], name, *(_num(v) for v in c[name]["recall@1"]), f"{c[name]['reaches_full_at']:.0%}")
+    rows = [(c["query"], name, *(_num(v) for v in c[name]["recall@1"]), _reached(c[name]))
             for c in backfill["curves"] for name in ("ordered", "random")]
     start = " and ".join(backfill["start"])
+    seeds = backfill["random_seeds"]
     return (f"The gallery starts as {start} vectors ({backfill['oldest_share']:.0%} {backfill['start'][0]}) and a "
             f"share is re-encoded by {backfill['new_gallery']}: first the photos the shipped scorer ranks highest "
-            f"(ordered), or in a random order (seed {backfill['seed']}). 'Reaches full at': the first share within "
+            f"(ordered), or in random orders ({len(seeds)} seeds, {seeds[0]}..{seeds[-1]}: the row is their pointwise "
+            f"median, each draw's own share in brackets). 'Reaches full at': the first share within "
             f"{backfill['tolerance']} of the fully backfilled Recall@1.\n\n" + _table(header, rows))
+
+
+def _reached(order: dict[str, Any]) -> str:
+    """Where a curve reaches the end; for the random orders also where each draw did."""
+    each = order.get("each_reaches_full_at")
+    return f"{order['reaches_full_at']:.0%}" + (f" ({', '.join(f'{r:.0%}' for r in each)})" if each else "")
 
 
 def _reference_markdown(report: dict[str, Any]) -> list[str]:
@@ -186,7 +194,8 @@ def plot_mixed(report: dict[str, Any], path: Path, key: str = "mixed") -> None:
 
 
 def plot_backfill(report: dict[str, Any], path: Path) -> None:
-    """Recall@1 against the share of the gallery backfilled: the scorer's order (solid) and a random one (dashed)."""
+    """Recall@1 against the share of the gallery backfilled: the scorer's order (solid) and the median of the random
+    ones (dashed)."""
     from matplotlib.figure import Figure
 
     backfill = report["backfill"]
@@ -195,7 +204,8 @@ def plot_backfill(report: dict[str, Any], path: Path) -> None:
     for i, curve in enumerate(backfill["curves"]):
         for name, style in (("ordered", "-"), ("random", "--")):
             values = [np.nan if v is None else v for v in curve[name]["recall@1"]]
-            ax.plot(backfill["shares"], values, style, marker="o", color=f"C{i}", label=f"{curve['query']}, {name}")
+            label = f"{curve['query']}, {'random (median)' if name == 'random' else name}"
+            ax.plot(backfill["shares"], values, style, marker="o", color=f"C{i}", label=label)
     ax.set(xlabel=f"share of the gallery re-encoded by {backfill['new_gallery']}", ylabel="Recall@1",
            title=f"Backfill, {report['benchmark']}")
     ax.grid(alpha=0.3)
