@@ -21,6 +21,7 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -34,6 +35,9 @@ READY = b"r"
 BACKLOG = 2048
 """Connections the kernel queues while the workers start (uvicorn's own default)."""
 STOP_WAIT_S = 30.0
+EARLY_DEATHS = 3
+"""Workers in a row that may die before they are ready (a store another process took, say) before the server
+gives up instead of starting more."""
 """Seconds a worker has to shut down gracefully after SIGTERM before it is killed."""
 
 
@@ -95,11 +99,13 @@ def run_worker(settings: Settings, channel: socket.socket) -> None:
 
 @dataclass
 class Worker:
-    """The parent's view of one worker: its process, its end of the channel, and whether it said it is ready."""
+    """The parent's view of one worker: its process, its end of the channel, whether it said it is ready, and
+    whether it still takes connections (a send to it failed: it died, and is replaced on the next round)."""
 
     process: BaseProcess
     channel: socket.socket
     ready: bool = False
+    lost: bool = False
     started: float = field(default_factory=time.monotonic)
 
 
@@ -107,18 +113,21 @@ class Supervisor:
     """Starts `count` workers, accepts on `listener` once all are ready, deals out connections in turn, restarts a
     worker that dies, and stops them all on SIGINT/SIGTERM."""
 
-    def __init__(self, settings: Settings, listener: socket.socket, count: int) -> None:
-        self.settings, self.listener, self.count = settings, listener, count
+    def __init__(self, settings: Settings, listener: socket.socket, count: int,
+                 target: Callable[[Settings, socket.socket], None] = run_worker) -> None:
+        """`target` runs in each worker process (tests give their own; it must be importable by name)."""
+        self.settings, self.listener, self.count, self.target = settings, listener, count, target
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[Worker] = []
         self._selector = selectors.DefaultSelector()
         self._turn = 0
+        self._early_deaths = 0
+        self._serving = False
         self._stopping = False
 
     def run(self) -> None:
         """Serve until a signal asks to stop (or no worker could start)."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._stop)
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.listener.listen(BACKLOG)
         self.listener.setblocking(False)
         self._workers = [self._start() for _ in range(self.count)]
@@ -132,26 +141,33 @@ class Supervisor:
                 self._replace_dead()
         finally:
             self._stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _start(self) -> Worker:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        process = self._context.Process(target=run_worker, args=(self.settings, theirs), name="concord-worker")
+        process = self._context.Process(target=self.target, args=(self.settings, theirs), name="concord-worker")
         process.start()
         theirs.close()
+        mine.setblocking(False)
         worker = Worker(process, mine)
         self._selector.register(mine, selectors.EVENT_READ, worker)
         return worker
 
     def _heard(self, worker: Worker) -> None:
-        """A worker said it is ready (or closed its end by dying); accept once every worker is ready."""
+        """A worker said it is ready (or closed its end by dying); accept once every worker is ready at first, and
+        again whenever one is after none could take connections."""
         try:
             data = worker.channel.recv(64)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if READY in data and not worker.ready:
-            worker.ready = True
+            worker.ready, self._early_deaths = True, 0
             log.info("worker %s ready in %.1f s", worker.process.pid, time.monotonic() - worker.started)
-            if all(w.ready for w in self._workers):
+            if self._serving or all(w.ready for w in self._workers):
+                self._serving = True
                 self._listen()
         elif not data:
             self._selector.unregister(worker.channel)
@@ -164,8 +180,12 @@ class Supervisor:
             log.info("%d workers serving on %s:%s", len(self._workers), self.settings.host, self.settings.port)
 
     def _deal(self) -> None:
-        """Hand every waiting connection to the next ready worker in turn."""
+        """Hand every waiting connection to the next ready worker in turn; while none is, leave them queued in the
+        kernel (stop accepting until one says it is ready)."""
         while True:
+            if not any(w.ready and not w.lost for w in self._workers):
+                self._selector.unregister(self.listener)
+                return
             try:
                 conn, _ = self.listener.accept()
             except BlockingIOError:
@@ -174,22 +194,26 @@ class Supervisor:
                 for _ in range(len(self._workers)):
                     worker = self._workers[self._turn % len(self._workers)]
                     self._turn += 1
-                    if worker.ready:
+                    if worker.ready and not worker.lost:
                         try:
                             socket.send_fds(worker.channel, [b"c"], [conn.fileno()])
                             break
+                        except BlockingIOError:  # this worker has thousands waiting already: the next one
+                            continue
                         except OSError:
-                            worker.ready = False  # dead: replaced on the next round
+                            worker.lost = True
 
     def _replace_dead(self) -> None:
         for i, worker in enumerate(self._workers):
             if worker.process.exitcode is None or self._stopping:
                 continue
-            if not worker.ready and worker.process.exitcode != 0 and not any(w.ready for w in self._workers):
-                log.error("a worker exited with code %s before it was ready; stopping (see its log above)",
-                          worker.process.exitcode)
-                self._stopping = True
-                return
+            if not worker.ready:
+                self._early_deaths += 1
+                if self._early_deaths >= EARLY_DEATHS or not any(w.ready for w in self._workers):
+                    log.error("a worker exited with code %s before it was ready; stopping (see its log above)",
+                              worker.process.exitcode)
+                    self._stopping = True
+                    return
             log.warning("worker %s exited with code %s; starting another", worker.process.pid,
                         worker.process.exitcode)
             self._drop(worker)

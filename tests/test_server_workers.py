@@ -8,6 +8,8 @@ import itertools
 import os
 import random
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +19,14 @@ from fastapi.testclient import TestClient
 
 from models.release import Release
 from server.app import create_app
+from server.settings import Settings
 from server.store import GalleryStore
+from server.workers import Supervisor
 from tests.server_helpers import WRITE, ServerProcess, add_photos, in_process, make_photo, tiny_settings
 from tests.test_server_backfill import hold, service_of, wait
 from tests.test_server_process import CRASH_SEED, Ingest, check_recovered
 
-WORKER_KILLS = 4
+WORKER_KILLS = 5
 
 
 def workers_of(parent: int) -> list[int]:
@@ -111,9 +115,9 @@ def test_a_backfill_runs_in_one_worker_and_every_worker_shows_it(tiny_release: P
 
 def test_sigkill_of_workers_during_concurrent_ingest_loses_no_acknowledged_photo(tiny_release: Path,
                                                                                   tmp_path: Path) -> None:
-    """A worker killed -9 while three clients upload, over and over (the other worker goes on acknowledging), then
-    the whole server killed at once: every acknowledged photo is there once, nothing else, FAISS agrees with SQLite
-    in every worker, and the restarted server recovers the same."""
+    """A worker killed -9 while three clients upload, over and over (the other worker goes on acknowledging), both
+    at once (their replacements take the waiting connections), then the whole server at once: every acknowledged
+    photo is there once, nothing else, FAISS agrees with SQLite in every worker, and a restart recovers the same."""
     rng = random.Random(CRASH_SEED)
     encoder = Release.load(tiny_release).encoder("cloud-v1")
     sent: dict[str, bytes] = {}
@@ -124,13 +128,15 @@ def test_sigkill_of_workers_during_concurrent_ingest_loses_no_acknowledged_photo
     pid = server.pid
     assert pid is not None
     try:
-        for _ in range(WORKER_KILLS):
+        for cycle in range(WORKER_KILLS):
             wait_for(lambda: len(workers_of(pid)) == 2)
             with Ingest(server.url, seeds, sent, acked) as ingest:
                 assert ingest.acknowledging.wait(timeout=60), f"no upload was acknowledged: {ingest.errors}"
                 time.sleep(rng.uniform(0.05, 0.3))
-                os.kill(rng.choice(workers_of(pid)), signal.SIGKILL)
-                wait_for(grown(acked, len(acked)))  # the other worker goes on acknowledging
+                both = cycle == WORKER_KILLS - 1  # then no worker is ready for a while: connections wait
+                for victim in workers_of(pid) if both else [rng.choice(workers_of(pid))]:
+                    os.kill(victim, signal.SIGKILL)
+                wait_for(grown(acked, len(acked)), timeout=60)  # the other worker, or a replacement, acknowledges
             assert not ingest.errors, ingest.errors
             for _ in range(4):  # whichever worker answers
                 check_recovered(server.url, sent, acked, encoder, verified)
@@ -145,3 +151,37 @@ def test_sigkill_of_workers_during_concurrent_ingest_loses_no_acknowledged_photo
         for _ in range(4):
             check_recovered(restarted.url, sent, acked, encoder, verified)
     assert len(acked) > 20
+
+
+def dies_at_start(settings: Settings, channel: socket.socket) -> None:
+    """A worker that fails before it is ready (as one that cannot open its store would)."""
+    raise SystemExit(3)
+
+
+def test_workers_that_die_before_they_are_ready_stop_the_server_instead_of_restarting_forever() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    start = time.monotonic()
+    Supervisor(Settings(), listener, 2, target=dies_at_start).run()
+    assert time.monotonic() - start < 60
+
+
+def ready_then_dies(settings: Settings, channel: socket.socket) -> None:
+    """A worker that says it is ready, notes its start under the data folder, and dies a moment later."""
+    with open(Path(settings.data_dir) / "starts", "a") as starts:
+        starts.write("started\n")
+    channel.sendall(b"r")
+    time.sleep(0.3)
+    os._exit(1)
+
+
+def test_workers_that_die_after_they_were_ready_are_started_again(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    stop = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))  # the supervisor's own stop
+    stop.start()
+    try:
+        Supervisor(Settings(data_dir=tmp_path), listener, 2, target=ready_then_dies).run()
+    finally:
+        stop.cancel()
+    assert (tmp_path / "starts").read_text().count("started") > 4
