@@ -35,10 +35,10 @@ READY = b"r"
 BACKLOG = 2048
 """Connections the kernel queues while the workers start (uvicorn's own default)."""
 STOP_WAIT_S = 30.0
+"""Seconds a worker has to shut down gracefully after SIGTERM before it is killed."""
 EARLY_DEATHS = 3
 """Workers in a row that may die before they are ready (a store another process took, say) before the server
 gives up instead of starting more."""
-"""Seconds a worker has to shut down gracefully after SIGTERM before it is killed."""
 
 
 def release_freed_memory() -> None:
@@ -69,6 +69,8 @@ class WorkerServer(uvicorn.Server):
             data, fds, _, _ = socket.recv_fds(self.channel, 64, 64)
         except BlockingIOError:
             return
+        except OSError:
+            data, fds = b"", []
         if not data:
             asyncio.get_running_loop().remove_reader(self.channel.fileno())
             self.should_exit = True
