@@ -127,6 +127,16 @@ class Backfill:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def busy(self) -> bool:
+        """Whether a job runs here or in another worker process of this server (the one holding the claim)."""
+        if self.running or self._claim_fd is not None:
+            return True
+        if self._claim():
+            self._unclaim()
+            return False
+        return True
+
+    @property
     def store(self) -> Gallery:
         """The service's gallery (the job's record lives in its settings)."""
         return self._service.store

@@ -361,7 +361,7 @@ class Service:
             if entry.role != "cloud":
                 raise Unprocessable(f"{model_id!r} is an {entry.role} model: only a cloud model indexes photos "
                                     f"(devices query with edge models; they need no server upgrade)")
-            if self.backfill.running:
+            if self.backfill.busy:
                 raise Conflict(f"refusing to change the active model while a backfill to {previous!r} runs: wait for "
                                f"it (GET /v1/backfill), then upgrade", active_model=previous)
             if model_id == previous:

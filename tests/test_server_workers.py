@@ -94,7 +94,8 @@ def test_two_workers_share_one_store_and_survive_one_being_killed(tiny_release: 
         assert store.get_setting("active_cloud_model") == "cloud-v2"
 
 
-def test_a_backfill_runs_in_one_worker_and_every_worker_shows_it(tiny_release: Path, tmp_path: Path) -> None:
+def test_a_backfill_runs_in_one_worker_every_worker_shows_it_and_holds_upgrades(tiny_release: Path,
+                                                                               tmp_path: Path) -> None:
     settings = tiny_settings(tiny_release, tmp_path, backfill_batch=2)
     with in_process(settings) as alone:  # the exclusive open `--workers` makes first
         add_photos(alone, {f"p{i}.jpg": make_photo(i) for i in range(6)})
@@ -107,6 +108,8 @@ def test_a_backfill_runs_in_one_worker_and_every_worker_shows_it(tiny_release: P
         assert refused.status_code == 409 and "is running" in refused.json()["detail"], refused.text
         shown = two.get("/v1/backfill").json()
         assert (shown["state"], shown["target_model"]) == ("running", "cloud-v2"), shown
+        upgrade = two.post("/v1/models/upgrade", json={"model_id": "cloud-v2"}, headers=WRITE)
+        assert upgrade.status_code == 409 and "while a backfill" in upgrade.json()["detail"], upgrade.text
         go_on.set()
         assert wait(one)["state"] == "done"
         assert two.get("/v1/backfill").json()["state"] == "done"
