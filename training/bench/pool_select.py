@@ -1,6 +1,7 @@
 """Choose training settings on the open-world POOL, never on `eval`: train each candidate config with the pool
 photos of half the pool categories (label-free, as usual), and measure it on the other half by category
-(leave-one-out Recall@1, against itself and against every older cloud gallery).
+(leave-one-out Recall@1, against itself and against every older cloud gallery, and the flip rates from the model
+it replaces there).
 
     python -m training.bench.pool_select training/configs/cloud-v3.toml other-cloud-v3.toml ...
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from models.benchmark.caltech import PhotoSet, load_benchmark
-from models.benchmark.metrics import evaluate_retrieval
+from models.benchmark.metrics import evaluate_retrieval, flip_rates
 from models.benchmark.open_world import OpenWorld, load_open_world
 from training.benchmark import RECIPE, Paths, Source, encode_source, train_model
 from training.trainer import TrainConfig, load_checkpoint
@@ -72,7 +73,7 @@ def measure(config_file: Path, references: Path = Path("runs")) -> dict[str, flo
     train_model(config.model_id, load_benchmark(), paths, config, world)
     source = Source(world.image_dir, paths.open_cache, held)
     vectors = {m: encode_source(load_checkpoint(paths.checkpoint(m)), source)
-               for m in {*GALLERIES, config.model_id} if paths.checkpoint(m).exists()}
+               for m in {*GALLERIES, config.model_id, config.replaces} if m and paths.checkpoint(m).exists()}
     none = np.zeros(len(held), dtype=bool)
     figures = {}
     for gallery in GALLERIES:
@@ -82,6 +83,11 @@ def measure(config_file: Path, references: Path = Path("runs")) -> dict[str, flo
             overall = result.to_dict()["overall"]
             figures[f"-> {gallery} R@1"] = float(overall["recall@1"])
             figures[f"-> {gallery} mAP"] = float(overall["map"])
+            if config.replaces in vectors:
+                old = evaluate_retrieval(vectors[config.replaces], vectors[gallery], held.labels, held.labels, none,
+                                         exclude_self=True)
+                nfr, pfr = flip_rates(old.hits_at_1, result.hits_at_1)
+                figures[f"-> {gallery} NFR"], figures[f"-> {gallery} PFR"] = nfr, pfr
     return figures
 
 
