@@ -181,10 +181,15 @@ def ready_then_dies(settings: Settings, channel: socket.socket) -> None:
 def test_workers_that_die_after_they_were_ready_are_started_again(tmp_path: Path) -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    stop = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))  # the supervisor's own stop
-    stop.start()
-    try:
-        Supervisor(Settings(data_dir=tmp_path), listener, 2, target=ready_then_dies).run()
-    finally:
-        stop.cancel()
-    assert (tmp_path / "starts").read_text().count("started") > 4
+    starts = tmp_path / "starts"
+
+    def stop_after_restarts() -> None:
+        """The supervisor's own stop, once its two workers were started again (at most 120 s: a slow machine)."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (starts.exists() and starts.read_text().count("started") > 4):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_after_restarts, daemon=True).start()
+    Supervisor(Settings(data_dir=tmp_path), listener, 2, target=ready_then_dies).run()
+    assert starts.read_text().count("started") > 4
