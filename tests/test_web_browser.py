@@ -72,7 +72,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def python_encoder() -> Any:
-    return Release.load(SHIPPED_RELEASE).encoder("edge-v2", "device-int8", threads=1)
+    return Release.load(SHIPPED_RELEASE).encoder("edge-v3", "device-int8", threads=1)
 
 
 def _names(hits: list[dict[str, Any]]) -> list[str]:
@@ -84,7 +84,7 @@ def test_upload_search_and_parity_through_the_page(browser: Any, server: ServerP
     with SearchPage(browser, server.url, API_KEY) as page:
         assert page.open(), page.state("startError")
         assert page.key_asked == 1, "the page should ask for the key at its first call (reads need it here)"
-        assert page.state("encoder")["modelId"] == "edge-v2" and page.state("encoder")["variant"] == "device-int8"
+        assert page.state("encoder")["modelId"] == "edge-v3" and page.state("encoder")["variant"] == "device-int8"
         assert page.state("fallbackReason") is None
         assert "Encoding in this browser" in page.page.get_by_test_id("encoder-status").inner_text()
 
@@ -106,13 +106,13 @@ def test_upload_search_and_parity_through_the_page(browser: Any, server: ServerP
         for name, path in photos.items():
             last = page.search(path, match="duplicate")
             assert last["via"] == "browser", last
-            assert last["modelId"] == "edge-v2" and last["variant"] == "device-int8"
+            assert last["modelId"] == "edge-v3" and last["variant"] == "device-int8"
             expected = python_encoder.encode_bytes([path.read_bytes()])[0]
             cosines[name] = cosine(last["vector"], expected)
             assert cosines[name] >= PARITY, f"{name}: browser vs Python cosine {cosines[name]:.5f}"
             assert abs(float(np.linalg.norm(last["vector"])) - 1.0) < 1e-3
             answer = last["answer"]
-            assert answer["query_model"] == "edge-v2" and answer["match"] == "duplicate"
+            assert answer["query_model"] == "edge-v3" and answer["match"] == "duplicate"
             assert answer["searched_models"] == ["cloud-v2"]
             assert name in _names(answer["hits"])[:2], f"{name}: duplicate match found {_names(answer['hits'])[:3]}"
             assert last["encodeMs"] > 0
@@ -145,7 +145,7 @@ def test_upload_search_and_parity_through_the_page(browser: Any, server: ServerP
         assert rows.count() == len(Release.load(SHIPPED_RELEASE).manifest.models)
         table = page.page.get_by_test_id("models").inner_text()
         assert "active: indexes new photos" in table and "this page encodes with it" in table
-        assert "cloud-v2, edge-v1" in table  # edge-v2's lineage
+        assert "cloud-v3, edge-v2" in table  # the lineage of edge-v3, the model the page runs
         page.screenshot(screenshots / "models.png")
         assert page.key_asked == 1, "the key is asked for once and kept"
         assert page.errors == []
