@@ -38,7 +38,8 @@ STOP_WAIT_S = 30.0
 """Seconds a worker has to shut down gracefully after SIGTERM before it is killed."""
 EARLY_DEATHS = 3
 """Workers in a row that may die before they are ready (a store another process took, say) before the server
-gives up instead of starting more."""
+gives up instead of starting more. Before the server first serves, one is enough when no other worker is ready;
+once it has served, a replacement killed while it starts is started again even when no worker is ready then."""
 
 
 def release_freed_memory() -> None:
@@ -209,9 +210,9 @@ class Supervisor:
         for i, worker in enumerate(self._workers):
             if worker.process.exitcode is None or self._stopping:
                 continue
-            if not worker.ready:
+            if not worker.ready:  # before serving, one such death with no worker ready means none can start
                 self._early_deaths += 1
-                if self._early_deaths >= EARLY_DEATHS or not any(w.ready for w in self._workers):
+                if self._early_deaths >= EARLY_DEATHS or not (self._serving or any(w.ready for w in self._workers)):
                     log.error("a worker exited with code %s before it was ready; stopping (see its log above)",
                               worker.process.exitcode)
                     self._stopping = True

@@ -169,27 +169,61 @@ def test_workers_that_die_before_they_are_ready_stop_the_server_instead_of_resta
     assert time.monotonic() - start < 60
 
 
+def note_start(settings: Settings) -> int:
+    """Note a worker's start under the data folder; how many workers have started so far."""
+    starts = Path(settings.data_dir) / "starts"
+    with open(starts, "a") as file:
+        file.write("started\n")
+    return starts.read_text().count("started")
+
+
+def run_until_started(settings: Settings, target: Callable[[Settings, socket.socket], None], count: int) -> int:
+    """Run a 2-worker supervisor until `count` workers were started (then stop it as SIGTERM would; at most
+    120 s, for a slow machine) or until it stops by itself; returns how many workers were started."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    starts, returned = Path(settings.data_dir) / "starts", threading.Event()
+
+    def stop_once_started() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not returned.is_set() and not (
+                starts.exists() and starts.read_text().count("started") >= count):
+            time.sleep(0.1)
+        if not returned.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_once_started, daemon=True).start()
+    try:
+        Supervisor(settings, listener, 2, target=target).run()
+    finally:
+        returned.set()
+    return starts.read_text().count("started")
+
+
 def ready_then_dies(settings: Settings, channel: socket.socket) -> None:
-    """A worker that says it is ready, notes its start under the data folder, and dies a moment later."""
-    with open(Path(settings.data_dir) / "starts", "a") as starts:
-        starts.write("started\n")
+    """A worker that says it is ready and dies a moment later."""
+    note_start(settings)
     channel.sendall(b"r")
     time.sleep(0.3)
     os._exit(1)
 
 
 def test_workers_that_die_after_they_were_ready_are_started_again(tmp_path: Path) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    starts = tmp_path / "starts"
+    assert run_until_started(Settings(data_dir=tmp_path), ready_then_dies, 5) >= 5
 
-    def stop_after_restarts() -> None:
-        """The supervisor's own stop, once its two workers were started again (at most 120 s: a slow machine)."""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (starts.exists() and starts.read_text().count("started") > 4):
-            time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=stop_after_restarts, daemon=True).start()
-    Supervisor(Settings(data_dir=tmp_path), listener, 2, target=ready_then_dies).run()
-    assert starts.read_text().count("started") > 4
+def serves_then_replacements_die_while_starting(settings: Settings, channel: socket.socket) -> None:
+    """The first two workers get ready and die a moment later; their two replacements die before they are ready
+    (as workers killed while they start do); the ones after them serve."""
+    started = note_start(settings)
+    if started in (3, 4):
+        os._exit(1)
+    channel.sendall(b"r")
+    time.sleep(0.3 if started <= 2 else 60)
+    os._exit(1)
+
+
+def test_a_server_that_served_starts_workers_again_when_none_is_ready(tmp_path: Path) -> None:
+    """Once it has served, workers dying while they start, with no worker ready at that moment, do not stop the
+    server (a SIGKILL of every worker during a restart once did): it starts more."""
+    assert run_until_started(Settings(data_dir=tmp_path), serves_then_replacements_die_while_starting, 6) >= 6
