@@ -39,7 +39,8 @@ STOP_WAIT_S = 30.0
 EARLY_DEATHS = 3
 """Workers in a row that may die before they are ready (a store another process took, say) before the server
 gives up instead of starting more. Before the server first serves, one is enough when no other worker is ready;
-once it has served, a replacement killed while it starts is started again even when no worker is ready then."""
+once it has served, a replacement that dies while it starts is started again even when no worker is ready then.
+A worker killed by SIGKILL never counts: that came from outside, not from the worker."""
 
 
 def release_freed_memory() -> None:
@@ -210,7 +211,8 @@ class Supervisor:
         for i, worker in enumerate(self._workers):
             if worker.process.exitcode is None or self._stopping:
                 continue
-            if not worker.ready:  # before serving, one such death with no worker ready means none can start
+            killed = worker.process.exitcode == -signal.SIGKILL  # from outside (the OOM killer, an operator)
+            if not worker.ready and not killed:  # before serving, one such death and none ready: none can start
                 self._early_deaths += 1
                 if self._early_deaths >= EARLY_DEATHS or not (self._serving or any(w.ready for w in self._workers)):
                     log.error("a worker exited with code %s before it was ready; stopping (see its log above)",

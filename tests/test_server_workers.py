@@ -227,3 +227,20 @@ def test_a_server_that_served_starts_workers_again_when_none_is_ready(tmp_path: 
     """Once it has served, workers dying while they start, with no worker ready at that moment, do not stop the
     server (a SIGKILL of every worker during a restart once did): it starts more."""
     assert run_until_started(Settings(data_dir=tmp_path), serves_then_replacements_die_while_starting, 6) >= 6
+
+
+def killed_while_starting(settings: Settings, channel: socket.socket) -> None:
+    """The first two workers get ready and die a moment later; the next four are killed -9 before they are ready
+    (more than EARLY_DEATHS in a row); the ones after them serve."""
+    started = note_start(settings)
+    if 3 <= started <= 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    channel.sendall(b"r")
+    time.sleep(0.3 if started <= 2 else 60)
+    os._exit(1)
+
+
+def test_workers_killed_while_they_start_never_stop_the_server(tmp_path: Path) -> None:
+    """SIGKILL comes from outside (the OOM killer, an operator, the crash test above): however many starting workers
+    it takes, the server starts more."""
+    assert run_until_started(Settings(data_dir=tmp_path), killed_while_starting, 8) >= 8
