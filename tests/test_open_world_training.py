@@ -13,6 +13,7 @@ from models.benchmark.caltech import load_benchmark
 from models.benchmark.open_world import load_open_world
 from tests.caltech_helpers import make_caltech, make_open_world
 from training.arch import EmbeddingHead
+from training.bench.pool_select import split_caltech
 from training.benchmark import Paths, recipe_config, training_sources
 from training.losses import UNLABELLED, Batch, Classification, Influence, Relational
 from training.trainer import TRUNK, TrainConfig
@@ -91,6 +92,20 @@ def test_training_photos_add_the_pool_label_free_and_never_eval(tmp_path: Path) 
     with pytest.raises(RuntimeError, match="open-world set is needed"):
         training_sources(config, bench, None, Paths())
     np.testing.assert_array_equal(only.photos.labels, bench.training_set(2).labels)
+
+
+def test_caltech_validation_photos_never_train_and_the_test_photos_stay_out(tmp_path: Path) -> None:
+    bench = load_benchmark(make_caltech(tmp_path / "caltech", classes=3, train=8, test=2))
+    split, held = split_caltech(bench)
+    assert len(held) == 3 * 2 and set(held.labels.tolist()) == {0, 1, 2}
+    assert not set(held.paths) & set(split.gallery.paths) and not set(held.paths) & set(split.train.paths)
+    assert not set(held.paths) & set(bench.queries.paths)
+    assert set(split.gallery.paths) | set(held.paths) == set(bench.gallery.paths)
+    assert (split.gallery.labels == -1).sum() == (bench.gallery.labels == -1).sum()
+    config = TrainConfig(model_id="x", role="cloud", version=1, arch="lite0", resolution=96, num_classes=3,
+                         photos="all", losses=[{"kind": "classification"}])  # type: ignore[list-item]
+    (caltech,) = training_sources(config, split, None, Paths(cache=tmp_path / "cache"))
+    assert not set(caltech.photos.paths) & set(held.paths)
 
 
 def test_a_thumbnail_view_learns_towards_its_full_photos_targets(tmp_path: Path) -> None:

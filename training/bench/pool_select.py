@@ -15,6 +15,12 @@ from `runs/` (symlinked, never retrained). Prints one table and writes reports/s
 categories, so a candidate that starts from one of them or distils it is flattered without `--chain`: edge-v3
 from the released edge-v2 scored 0.672 on cloud-v2's held-out gallery where edge-v2 itself, trained on the
 split pool, scored 0.607; with `--chain` the two are 0.613 and 0.606 (and on `eval` edge-v3 fell below edge-v2).
+
+    python -m training.bench.pool_select --caltech training/configs/edge-v3.toml
+
+`--caltech` also holds out every fourth labelled Caltech-101 training photo of each class (never `test.txt`):
+nothing trains on them (the chain is trained without them too, in `runs-select/_chain-caltech/`), and they
+query the rest of the gallery, so a setting's Caltech Recall@1 and flip rates are measured on validation photos.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.benchmark.caltech import PhotoSet, load_benchmark
-from models.benchmark.metrics import evaluate_retrieval, flip_rates
+from models.benchmark.caltech import Benchmark, PhotoSet, load_benchmark
+from models.benchmark.metrics import evaluate_retrieval, flip_rates, mixed_gallery
 from models.benchmark.open_world import OpenWorld, load_open_world
-from training.benchmark import RECIPE, Paths, Source, encode_source, train_model
+from training.benchmark import RECIPE, Paths, Source, encode_source, recipe_protocol, train_model
 from training.trainer import TrainConfig, load_checkpoint
 
 GALLERIES = ("cloud-v1", "cloud-v2", "cloud-v3")
@@ -45,24 +51,95 @@ def split_pool(world: OpenWorld) -> tuple[OpenWorld, PhotoSet]:
     return dataclasses.replace(world, pool=train), PhotoSet(held.paths, index[index % 2 == 1])
 
 
+def split_caltech(bench: Benchmark) -> tuple[Benchmark, PhotoSet]:
+    """The benchmark without every fourth labelled training photo of each class (in path order), and those photos
+    as validation queries; the gallery keeps the rest, distractors included."""
+    held = np.zeros(len(bench.gallery), dtype=bool)
+    for label in np.unique(bench.train.labels):
+        (members,) = np.nonzero(bench.gallery.labels == label)
+        held[members[3::4]] = True
+    gallery, queries = bench.gallery.subset(~held), bench.gallery.subset(held)
+    train = gallery.subset(gallery.labels >= 0)
+    return dataclasses.replace(bench, train=train, gallery=gallery, queries=queries), queries
+
+
 CHAIN = Path("runs-select") / "_chain"
+CALTECH_CHAIN = Path("runs-select") / "_chain-caltech"
 MAIN_CHAIN = ("cloud-v1", "edge-v1", "cloud-v2", "edge-v2", "cloud-v3", "edge-v3")
 
 
-def train_chain_before(model_id: str) -> Path:
-    """The main chain's models before `model_id`, trained on the split pool into CHAIN (kept between runs)."""
+def selection_bench(caltech: bool) -> Benchmark:
+    """The Caltech-101 photos a selection run trains on: all of them, or the split's training part."""
+    return split_caltech(load_benchmark())[0] if caltech else load_benchmark()
+
+
+def train_chain_before(model_id: str, caltech: bool = False) -> Path:
+    """The main chain's models before `model_id`, trained on the split pool (and with `caltech` the split Caltech
+    photos) into CHAIN or CALTECH_CHAIN (kept between runs)."""
     world, _ = split_pool(load_open_world())
-    bench = load_benchmark()
+    runs = CALTECH_CHAIN if caltech else CHAIN
+    bench = selection_bench(caltech)
     for model in MAIN_CHAIN[:MAIN_CHAIN.index(model_id)]:
-        train_model(model, bench, Paths(runs=CHAIN), world=world)
-    return CHAIN
+        train_model(model, bench, Paths(runs=runs), world=world)
+    return runs
+
+
+def retrieval_figures(vectors: dict[str, np.ndarray], galleries: dict[str, np.ndarray], labels: np.ndarray,
+                      gallery_labels: np.ndarray, candidate: str, replaced: str, prefix: str,
+                      exclude_self: bool) -> dict[str, float]:
+    """Recall@1 and mAP of the candidate's queries on every gallery, and its flip rates from the replaced model."""
+    none = np.zeros(len(labels), dtype=bool)
+    figures = {}
+    for gallery, vecs in galleries.items():
+        result = evaluate_retrieval(vectors[candidate], vecs, labels, gallery_labels, none, exclude_self=exclude_self)
+        overall = result.to_dict()["overall"]
+        figures[f"{prefix}-> {gallery} R@1"] = float(overall["recall@1"])
+        figures[f"{prefix}-> {gallery} mAP"] = float(overall["map"])
+        if replaced in vectors:
+            old = evaluate_retrieval(vectors[replaced], vecs, labels, gallery_labels, none, exclude_self=exclude_self)
+            nfr, pfr = flip_rates(old.hits_at_1, result.hits_at_1)
+            figures[f"{prefix}-> {gallery} NFR"], figures[f"{prefix}-> {gallery} PFR"] = nfr, pfr
+    return figures
+
+
+def three_generation_dip(vectors: dict[str, np.ndarray], galleries: dict[str, np.ndarray], labels: np.ndarray,
+                         gallery_labels: np.ndarray, candidate: str, exclude_self: bool) -> float:
+    """The benchmark's three-generation curve (its `chain_mixed` spec) for the candidate's queries: how far its
+    Recall@1 falls below the all-old end."""
+    spec = recipe_protocol().chain_mixed
+    assert spec is not None and spec.oldest, "the recipe's protocol holds a three-generation gallery"
+    none = np.zeros(len(labels), dtype=bool)
+    old = mixed_gallery(galleries[spec.old_gallery], galleries[spec.oldest], spec.oldest_share, spec.seed + 1)
+    results = [evaluate_retrieval(vectors[candidate], mixed_gallery(old, galleries[spec.new_gallery], p, spec.seed),
+                                  labels, gallery_labels, none, exclude_self=exclude_self) for p in spec.shares]
+    curve = [r.to_dict()["overall"]["recall@1"] for r in results]
+    return max(0.0, float(curve[0]) - float(min(curve)))
+
+
+def caltech_figures(config: TrainConfig, paths: Paths) -> dict[str, float]:
+    """The candidate's figures on the Caltech validation photos (queries) against the split's gallery."""
+    bench, held = split_caltech(load_benchmark())
+    models = [m for m in {*GALLERIES, config.model_id, config.replaces} if m and paths.checkpoint(m).exists()]
+    checkpoints = {m: load_checkpoint(paths.checkpoint(m)) for m in models}
+    queries = Source(bench.image_dir, paths.cache, held)
+    vectors = {m: encode_source(c, queries) for m, c in checkpoints.items()}
+    galleries = {m: encode_source(checkpoints[m], Source(bench.image_dir, paths.cache, bench.gallery))
+                 for m in GALLERIES if m in checkpoints}
+    figures = retrieval_figures(vectors, galleries, held.labels, bench.gallery.labels, config.model_id,
+                                config.replaces, "caltech ", exclude_self=False)
+    if set(GALLERIES) <= set(galleries):
+        figures["caltech three-generation dip"] = three_generation_dip(vectors, galleries, held.labels,
+                                                                       bench.gallery.labels, config.model_id, False)
+    return figures
 
 
 def measure(config_file: Path, references: Path = Path("runs")) -> dict[str, float]:
     """Train the config on the split pool and return its Recall@1 on the held-out pool categories, the models it
-    needs taken from `references`."""
+    needs taken from `references` (CALTECH_CHAIN: trained on the split Caltech photos too, and measured there)."""
     config = TrainConfig.from_toml(config_file)
-    runs = Path("runs-select") / (config_file.stem + ("-chain" if references == CHAIN else ""))
+    caltech = references == CALTECH_CHAIN
+    suffix = {CHAIN: "-chain", CALTECH_CHAIN: "-caltech"}.get(references, "")
+    runs = Path("runs-select") / (config_file.stem + suffix)
     for model in RECIPE:
         link = runs / model
         if model != config.model_id and not link.exists() and (references / model).exists():
@@ -70,36 +147,28 @@ def measure(config_file: Path, references: Path = Path("runs")) -> dict[str, flo
             link.symlink_to((references / model).resolve())
     paths = Paths(runs=runs)
     world, held = split_pool(load_open_world())
-    train_model(config.model_id, load_benchmark(), paths, config, world)
+    train_model(config.model_id, selection_bench(caltech), paths, config, world)
     source = Source(world.image_dir, paths.open_cache, held)
     vectors = {m: encode_source(load_checkpoint(paths.checkpoint(m)), source)
                for m in {*GALLERIES, config.model_id, config.replaces} if m and paths.checkpoint(m).exists()}
-    none = np.zeros(len(held), dtype=bool)
-    figures = {}
-    for gallery in GALLERIES:
-        if gallery in vectors:
-            result = evaluate_retrieval(vectors[config.model_id], vectors[gallery], held.labels, held.labels, none,
-                                        exclude_self=True)
-            overall = result.to_dict()["overall"]
-            figures[f"-> {gallery} R@1"] = float(overall["recall@1"])
-            figures[f"-> {gallery} mAP"] = float(overall["map"])
-            if config.replaces in vectors:
-                old = evaluate_retrieval(vectors[config.replaces], vectors[gallery], held.labels, held.labels, none,
-                                         exclude_self=True)
-                nfr, pfr = flip_rates(old.hits_at_1, result.hits_at_1)
-                figures[f"-> {gallery} NFR"], figures[f"-> {gallery} PFR"] = nfr, pfr
-    return figures
+    galleries = {m: vectors[m] for m in GALLERIES if m in vectors}
+    figures = retrieval_figures(vectors, galleries, held.labels, held.labels, config.model_id, config.replaces, "",
+                                exclude_self=True)
+    if set(GALLERIES) <= set(galleries):
+        figures["three-generation dip"] = three_generation_dip(vectors, galleries, held.labels, held.labels,
+                                                               config.model_id, True)
+    return {**figures, **(caltech_figures(config, paths) if caltech else {})}
 
 
 def main(args: list[str]) -> None:
-    chain = "--chain" in args
+    chain, caltech = "--chain" in args, "--caltech" in args
     out = Path("reports/select")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (a for a in args if a != "--chain"):
+    for name in (a for a in args if a not in ("--chain", "--caltech")):
         model_id = TrainConfig.from_toml(Path(name)).model_id
-        references = train_chain_before(model_id) if chain else Path("runs")
+        references = train_chain_before(model_id, caltech) if chain or caltech else Path("runs")
         figures = measure(Path(name), references)
-        stem = Path(name).stem + ("-chain" if chain else "")
+        stem = Path(name).stem + {CHAIN: "-chain", CALTECH_CHAIN: "-caltech"}.get(references, "")
         (out / f"{stem}.json").write_text(json.dumps(figures, indent=1) + "\n")
         print(stem, "  ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
 
