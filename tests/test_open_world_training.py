@@ -96,7 +96,8 @@ def test_training_photos_add_the_pool_label_free_and_never_eval(tmp_path: Path) 
 
 def test_caltech_validation_photos_never_train_and_the_test_photos_stay_out(tmp_path: Path) -> None:
     bench = load_benchmark(make_caltech(tmp_path / "caltech", classes=3, train=8, test=2))
-    split, held = split_caltech(bench)
+    split = split_caltech(bench)
+    held = split.queries
     assert len(held) == 3 * 2 and set(held.labels.tolist()) == {0, 1, 2}
     assert not set(held.paths) & set(split.gallery.paths) and not set(held.paths) & set(split.train.paths)
     assert not set(held.paths) & set(bench.queries.paths)

@@ -22,7 +22,7 @@ import torch
 
 from models.atomic import write_atomic
 from models.benchmark.caltech import DISTRACTOR, Benchmark, PhotoSet, load_benchmark
-from models.benchmark.metrics import evaluate_retrieval, mixed_gallery
+from models.benchmark.metrics import evaluate_retrieval
 from models.benchmark.open_world import NAME as OPEN_WORLD
 from models.benchmark.open_world import OpenWorld, load_open_world
 from models.manifest import BackfillScorer
@@ -334,8 +334,7 @@ def backfill_spec(fitted: dict[str, Any], embedded: dict[str, Embedded], chain: 
     start = dataclasses.replace(chain, shares=(0.0,))
     score = {m: BackfillScorer.from_dict(fitted[m]).score(vectors)[:, None]
              for m in start.generations[:-1] if (vectors := embedded[m].gallery) is not None}
-    # the photos each old model holds, drawn exactly as the gallery's own vectors are (Evaluator.mixed_vectors)
-    priority = mixed_gallery(score[start.old_gallery], score[start.oldest], start.oldest_share, start.seed + 1)
+    priority = start.old_mix(score)  # each photo scored by the old model that holds it in the gallery
     return BackfillSpec(start, priority[:, 0], (start.new_gallery, "edge-v3"))
 
 

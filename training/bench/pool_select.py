@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from models.benchmark.caltech import Benchmark, PhotoSet, load_benchmark
-from models.benchmark.metrics import evaluate_retrieval, flip_rates, mixed_gallery
+from models.benchmark.metrics import evaluate_retrieval, flip_rates
 from models.benchmark.open_world import OpenWorld, load_open_world
 from training.benchmark import RECIPE, Paths, Source, encode_source, recipe_protocol, train_model
 from training.trainer import TrainConfig, load_checkpoint
@@ -51,26 +51,28 @@ def split_pool(world: OpenWorld) -> tuple[OpenWorld, PhotoSet]:
     return dataclasses.replace(world, pool=train), PhotoSet(held.paths, index[index % 2 == 1])
 
 
-def split_caltech(bench: Benchmark) -> tuple[Benchmark, PhotoSet]:
-    """The benchmark without every fourth labelled training photo of each class (in path order), and those photos
-    as validation queries; the gallery keeps the rest, distractors included."""
+def split_caltech(bench: Benchmark) -> Benchmark:
+    """The benchmark whose queries are every fourth labelled training photo of each class (in path order), none of
+    them in its training set or gallery; the gallery keeps the rest, distractors included."""
     held = np.zeros(len(bench.gallery), dtype=bool)
     for label in np.unique(bench.train.labels):
         (members,) = np.nonzero(bench.gallery.labels == label)
         held[members[3::4]] = True
-    gallery, queries = bench.gallery.subset(~held), bench.gallery.subset(held)
+    gallery = bench.gallery.subset(~held)
     train = gallery.subset(gallery.labels >= 0)
-    return dataclasses.replace(bench, train=train, gallery=gallery, queries=queries), queries
+    return dataclasses.replace(bench, train=train, gallery=gallery, queries=bench.gallery.subset(held))
 
 
 CHAIN = Path("runs-select") / "_chain"
 CALTECH_CHAIN = Path("runs-select") / "_chain-caltech"
 MAIN_CHAIN = ("cloud-v1", "edge-v1", "cloud-v2", "edge-v2", "cloud-v3", "edge-v3")
+SUFFIX = {CHAIN: "-chain", CALTECH_CHAIN: "-caltech"}
+"""What a candidate's run folder and report add to its config's name, by the chain it was judged against."""
 
 
 def selection_bench(caltech: bool) -> Benchmark:
     """The Caltech-101 photos a selection run trains on: all of them, or the split's training part."""
-    return split_caltech(load_benchmark())[0] if caltech else load_benchmark()
+    return split_caltech(load_benchmark()) if caltech else load_benchmark()
 
 
 def train_chain_before(model_id: str, caltech: bool = False) -> Path:
@@ -87,7 +89,8 @@ def train_chain_before(model_id: str, caltech: bool = False) -> Path:
 def retrieval_figures(vectors: dict[str, np.ndarray], galleries: dict[str, np.ndarray], labels: np.ndarray,
                       gallery_labels: np.ndarray, candidate: str, replaced: str, prefix: str,
                       exclude_self: bool) -> dict[str, float]:
-    """Recall@1 and mAP of the candidate's queries on every gallery, and its flip rates from the replaced model."""
+    """Recall@1 and mAP of the candidate's queries on every gallery, its flip rates from the replaced model, and,
+    with every gallery of the chain there, its three-generation dip."""
     none = np.zeros(len(labels), dtype=bool)
     figures = {}
     for gallery, vecs in galleries.items():
@@ -99,38 +102,34 @@ def retrieval_figures(vectors: dict[str, np.ndarray], galleries: dict[str, np.nd
             old = evaluate_retrieval(vectors[replaced], vecs, labels, gallery_labels, none, exclude_self=exclude_self)
             nfr, pfr = flip_rates(old.hits_at_1, result.hits_at_1)
             figures[f"{prefix}-> {gallery} NFR"], figures[f"{prefix}-> {gallery} PFR"] = nfr, pfr
+    if set(GALLERIES) <= set(galleries):
+        figures[f"{prefix}three-generation dip"] = three_generation_dip(vectors[candidate], galleries, labels,
+                                                                        gallery_labels, exclude_self)
     return figures
 
 
-def three_generation_dip(vectors: dict[str, np.ndarray], galleries: dict[str, np.ndarray], labels: np.ndarray,
-                         gallery_labels: np.ndarray, candidate: str, exclude_self: bool) -> float:
-    """The benchmark's three-generation curve (its `chain_mixed` spec) for the candidate's queries: how far its
-    Recall@1 falls below the all-old end."""
+def three_generation_dip(queries: np.ndarray, galleries: dict[str, np.ndarray], labels: np.ndarray,
+                         gallery_labels: np.ndarray, exclude_self: bool) -> float:
+    """The benchmark's three-generation curve (its `chain_mixed` spec) for these queries: how far their Recall@1
+    falls below the all-old end."""
     spec = recipe_protocol().chain_mixed
     assert spec is not None and spec.oldest, "the recipe's protocol holds a three-generation gallery"
     none = np.zeros(len(labels), dtype=bool)
-    old = mixed_gallery(galleries[spec.old_gallery], galleries[spec.oldest], spec.oldest_share, spec.seed + 1)
-    results = [evaluate_retrieval(vectors[candidate], mixed_gallery(old, galleries[spec.new_gallery], p, spec.seed),
-                                  labels, gallery_labels, none, exclude_self=exclude_self) for p in spec.shares]
-    curve = [r.to_dict()["overall"]["recall@1"] for r in results]
+    curve = [evaluate_retrieval(queries, spec.mix(galleries, p), labels, gallery_labels, none,
+                                exclude_self=exclude_self).overall.recall_at_1 for p in spec.shares]
     return max(0.0, float(curve[0]) - float(min(curve)))
 
 
-def caltech_figures(config: TrainConfig, paths: Paths) -> dict[str, float]:
-    """The candidate's figures on the Caltech validation photos (queries) against the split's gallery."""
-    bench, held = split_caltech(load_benchmark())
+def caltech_figures(config: TrainConfig, paths: Paths, bench: Benchmark) -> dict[str, float]:
+    """The candidate's figures on the split's Caltech validation photos (its queries) against its gallery."""
     models = [m for m in {*GALLERIES, config.model_id, config.replaces} if m and paths.checkpoint(m).exists()]
     checkpoints = {m: load_checkpoint(paths.checkpoint(m)) for m in models}
-    queries = Source(bench.image_dir, paths.cache, held)
+    queries = Source(bench.image_dir, paths.cache, bench.queries)
     vectors = {m: encode_source(c, queries) for m, c in checkpoints.items()}
     galleries = {m: encode_source(checkpoints[m], Source(bench.image_dir, paths.cache, bench.gallery))
                  for m in GALLERIES if m in checkpoints}
-    figures = retrieval_figures(vectors, galleries, held.labels, bench.gallery.labels, config.model_id,
-                                config.replaces, "caltech ", exclude_self=False)
-    if set(GALLERIES) <= set(galleries):
-        figures["caltech three-generation dip"] = three_generation_dip(vectors, galleries, held.labels,
-                                                                       bench.gallery.labels, config.model_id, False)
-    return figures
+    return retrieval_figures(vectors, galleries, bench.queries.labels, bench.gallery.labels, config.model_id,
+                             config.replaces, "caltech ", exclude_self=False)
 
 
 def measure(config_file: Path, references: Path = Path("runs")) -> dict[str, float]:
@@ -138,8 +137,7 @@ def measure(config_file: Path, references: Path = Path("runs")) -> dict[str, flo
     needs taken from `references` (CALTECH_CHAIN: trained on the split Caltech photos too, and measured there)."""
     config = TrainConfig.from_toml(config_file)
     caltech = references == CALTECH_CHAIN
-    suffix = {CHAIN: "-chain", CALTECH_CHAIN: "-caltech"}.get(references, "")
-    runs = Path("runs-select") / (config_file.stem + suffix)
+    runs = Path("runs-select") / (config_file.stem + SUFFIX.get(references, ""))
     for model in RECIPE:
         link = runs / model
         if model != config.model_id and not link.exists() and (references / model).exists():
@@ -147,17 +145,15 @@ def measure(config_file: Path, references: Path = Path("runs")) -> dict[str, flo
             link.symlink_to((references / model).resolve())
     paths = Paths(runs=runs)
     world, held = split_pool(load_open_world())
-    train_model(config.model_id, selection_bench(caltech), paths, config, world)
+    bench = selection_bench(caltech)
+    train_model(config.model_id, bench, paths, config, world)
     source = Source(world.image_dir, paths.open_cache, held)
     vectors = {m: encode_source(load_checkpoint(paths.checkpoint(m)), source)
                for m in {*GALLERIES, config.model_id, config.replaces} if m and paths.checkpoint(m).exists()}
     galleries = {m: vectors[m] for m in GALLERIES if m in vectors}
     figures = retrieval_figures(vectors, galleries, held.labels, held.labels, config.model_id, config.replaces, "",
                                 exclude_self=True)
-    if set(GALLERIES) <= set(galleries):
-        figures["three-generation dip"] = three_generation_dip(vectors, galleries, held.labels, held.labels,
-                                                               config.model_id, True)
-    return {**figures, **(caltech_figures(config, paths) if caltech else {})}
+    return {**figures, **(caltech_figures(config, paths, bench) if caltech else {})}
 
 
 def main(args: list[str]) -> None:
@@ -168,7 +164,7 @@ def main(args: list[str]) -> None:
         model_id = TrainConfig.from_toml(Path(name)).model_id
         references = train_chain_before(model_id, caltech) if chain or caltech else Path("runs")
         figures = measure(Path(name), references)
-        stem = Path(name).stem + {CHAIN: "-chain", CALTECH_CHAIN: "-caltech"}.get(references, "")
+        stem = Path(name).stem + SUFFIX.get(references, "")
         (out / f"{stem}.json").write_text(json.dumps(figures, indent=1) + "\n")
         print(stem, "  ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
 

@@ -15,7 +15,6 @@ from models.benchmark.metrics import (
     ecc,
     evaluate_retrieval,
     flip_rates,
-    mixed_gallery,
     mixed_take,
 )
 from training.evaluate.protocol import (
@@ -78,10 +77,7 @@ class Evaluator:
 
     def mixed_vectors(self, spec: MixedSpec, share: float) -> np.ndarray:
         """The mixed gallery of `spec` at `share`."""
-        old = self.gallery(spec.old_gallery)
-        if spec.oldest:
-            old = mixed_gallery(old, self.gallery(spec.oldest), spec.oldest_share, spec.seed + 1)
-        return mixed_gallery(old, self.gallery(spec.new_gallery), share, spec.seed)
+        return spec.mix({m: self.gallery(m) for m in spec.generations}, share)
 
     def search_backfilled(self, query: str, spec: BackfillSpec, share: float, seed: int | None) -> RetrievalResult:
         """`query` searching the gallery after the first `share` of its photos were re-encoded, in the

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
+from models.benchmark.metrics import mixed_gallery
 
 MAIN = "main"
 """Group of the models of the product chain; any other group names a baseline (e.g. "independent")."""
@@ -130,6 +133,17 @@ class MixedSpec:
     def generations(self) -> list[str]:
         """The gallery models the mix holds, oldest first."""
         return [m for m in (self.oldest, self.old_gallery, self.new_gallery) if m]
+
+    def old_mix(self, rows: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The gallery before the new model took any photo: `rows[m]` holds model m's rows (vectors, or any
+        per-photo values) of the same photos, in one order; with `oldest`, its share is drawn with seed + 1."""
+        old = rows[self.old_gallery]
+        return mixed_gallery(old, rows[self.oldest], self.oldest_share, self.seed + 1) if self.oldest else old
+
+    def mix(self, rows: Mapping[str, np.ndarray], share: float) -> np.ndarray:
+        """The gallery at `share`: the new model's rows for the photos it took (drawn with `seed`), else
+        `old_mix`'s."""
+        return mixed_gallery(self.old_mix(rows), rows[self.new_gallery], share, self.seed)
 
 
 BACKFILL_SHARES = tuple(i / 10 for i in range(11))
