@@ -53,6 +53,8 @@ def quantize(
                                                "without VNNI (--no-reduce-range for ARM/VNNI devices).")] = True,
     per_channel: Annotated[bool, typer.Option(help="Per-channel weight scales.")] = True,
     pre_process: Annotated[bool, typer.Option(help="Run onnxruntime's quant_pre_process first.")] = True,
+    float_blocks: Annotated[int, typer.Option(help="Keep the trunk's stem and its first N blocks in float (the "
+                                              "layers int8 hurts most; 0: all int8).")] = 0,
 ) -> None:
     """Quantise an edge model to int8 (static QDQ, calibrated on real photos) and register `device-int8`."""
     from edge.photos import list_photos
@@ -62,7 +64,8 @@ def quantize(
     try:
         photos = list_photos(calibration, count, root)
         config = QuantizeConfig(calibrate_method=method, activations=activations, weights=weights,
-                                reduce_range=reduce_range, per_channel=per_channel, pre_process=pre_process)
+                                reduce_range=reduce_range, per_channel=per_channel, pre_process=pre_process,
+                                float_blocks=float_blocks)
         result = quantize_model(resolve_release(release), model_id, photos, config)
     except _user_errors() as err:
         _explain(err)
@@ -107,6 +110,9 @@ def ship(
     carry: Annotated[Path | None, typer.Option(help="An already shipped release: the models it holds ship with its "
                                                      "files, as they are (the files that made users' vectors), "
                                                      "with the new release's figures.")] = None,
+    renew: Annotated[list[str] | None, typer.Option(help="An edge model to ship from --release although --carry "
+                                                         "holds it (e.g. re-quantised): devices only query with "
+                                                         "it, so no stored vector changes. Repeatable.")] = None,
 ) -> None:
     """Write a slim release: cloud models' server files (fp16-stored where halved) and edge models' int8 device
     files (what ships)."""
@@ -123,7 +129,7 @@ def ship(
         chosen.update(asked)
         if out.exists() and any(out.iterdir()):
             fail(f"{out} is not empty: ship into an empty (or new) folder so no old file stays behind")
-        shipped = Release.ship(full, out, chosen, Release.load(carry) if carry else None)
+        shipped = Release.ship(full, out, chosen, Release.load(carry) if carry else None, renew or ())
     except (ReleaseError, KeyError, ValueError) as err:
         _explain(err)
     size = sum(f.stat().st_size for f in shipped.folder.iterdir())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 INT_TYPES = ("int8", "uint8")
 CALIBRATION_CHUNK = 16
 """Photos whose intermediate outputs are held at once during calibration (memory stays bounded)."""
+STEM_NAMES = re.compile(r"/_conv_stem/|/_blocks\.(?P<block>\d+)/")
+"""Where the trunk's stem nodes are, by the names torch gives them in the exported graph."""
 HEAD_OPS = ("MatMul", "Gemm", "Conv")
 """The last node of one of these types ends the trunk; what follows (L2 normalisation) stays in float."""
 
@@ -56,6 +59,9 @@ class QuantizeConfig:
     per_channel: bool = True
     pre_process: bool = True
     keep_output_float: bool = True
+    float_blocks: int = 0
+    """Keep the trunk's stem convolution and its first `float_blocks` blocks in float: the layers nearest the photo
+    lose the most to int8 (edge-v3 on the open-world pool photos: README, "On the device")."""
     check_photos: int = 16
     """Photos (of the calibration set) on which the int8 file is compared with fp32 after writing it."""
 
@@ -63,6 +69,8 @@ class QuantizeConfig:
         if self.calibrate_method not in CALIBRATION_METHODS:
             raise QuantizeError(f"calibrate_method must be one of {CALIBRATION_METHODS}, "
                                 f"got {self.calibrate_method!r}")
+        if self.float_blocks < 0:
+            raise QuantizeError(f"float_blocks counts trunk blocks, got {self.float_blocks}")
         for name in ("activations", "weights"):
             if getattr(self, name) not in INT_TYPES:
                 raise QuantizeError(f"{name} must be one of {INT_TYPES}, got {getattr(self, name)!r}")
@@ -181,7 +189,8 @@ def _quantize_file(source: Path, target: Path, reader: PhotoCalibrationReader, c
         model = onnx.load(str(model_path))
         _name_nodes(model)
         onnx.save(model, str(model_path))
-        exclude = _float_nodes(model) if config.keep_output_float else []
+        exclude = (_float_nodes(model) if config.keep_output_float else []) + (
+            _stem_nodes(model, config.float_blocks) if config.float_blocks else [])
         partial = Path(tmp) / target.name
         try:
             # CalibStridedMinMax: calibrate chunk by chunk (any method), merging ranges, so memory stays
@@ -234,6 +243,15 @@ def _float_nodes(model: Any) -> list[str]:
                default=None)
     tail = [] if last is None else [node.name for node in nodes[last + 1:]]
     return sorted(fingerprint | set(tail))
+
+
+def _stem_nodes(model: Any, blocks: int) -> list[str]:
+    """Names of the trunk's stem convolution and first `blocks` blocks (every trunk's, when joined)."""
+    stem = [node.name for node in model.graph.node
+            if (found := STEM_NAMES.search(node.name)) and (found["block"] is None or int(found["block"]) < blocks)]
+    if not stem:
+        raise QuantizeError("float_blocks: this graph has no trunk stem (no '_conv_stem' or '_blocks.N' nodes)")
+    return stem
 
 
 def _compare(fp32: Any, int8_path: Path, entry: Any, photos: Sequence[Path], config: QuantizeConfig) -> np.ndarray:

@@ -136,3 +136,33 @@ def test_quantize_honours_the_integer_types(tiny_release: Path, sample_photos: d
     assert Manifest.load(release).model("edge-v1").card["quantization"]["weights"] == "uint8"
     with pytest.raises(QuantizeError, match="weights must be one of"):
         QuantizeConfig(weights="int4")
+
+
+def test_float_blocks_keep_the_first_layers_in_float_and_the_rest_int8(sample_photos: dict[str, bytes],
+                                                                       tmp_path: Path) -> None:
+    from tests.export_helpers import report, small_encoder, train_config, write_checkpoint
+    from training.export import export_release
+
+    data = list(sample_photos.values())
+    checkpoints = [write_checkpoint(tmp_path / "cloud-v1.pt", small_encoder(64, 1, data),
+                                    train_config("cloud-v1", "cloud", 1, 64, [])),
+                   write_checkpoint(tmp_path / "edge-v1.pt", small_encoder(64, 2, data),
+                                    train_config("edge-v1", "edge", 1, 64, ["cloud-v1"]))]
+    release = tmp_path / "release"
+    export_release(checkpoints, release, data[:4], report({"cloud-v1": 0.80, "edge-v1": 0.79}))
+    photos = write_photos(sample_photos, tmp_path / "photos")
+    result = quantize_model(release, "edge-v1", photos, QuantizeConfig(float_blocks=2))
+    graph = onnx.load(str(release / result.file)).graph
+    made_by = {out: node.op_type for node in graph.node for out in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv" and "fingerprint" not in node.name]
+    stem = [node for node in convs if any(f"/{part}/" in node.name for part in ("_conv_stem", "_blocks.0", "_blocks.1"))
+            ]  # not _blocks.10/
+    assert stem and len(stem) < len(convs)
+    assert all(made_by.get(node.input[1]) != "DequantizeLinear" for node in stem)  # float weights
+    assert all(made_by.get(node.input[1]) == "DequantizeLinear" for node in convs if node not in stem)
+    assert Manifest.load(release).model("edge-v1").card["quantization"]["float_blocks"] == 2
+    vectors = Release.load(release, verify=True).encoder("edge-v1", INT8_VARIANT).encode_images(
+        [load_image(p) for p in photos])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)  # the file runs and embeds
+    with pytest.raises(QuantizeError, match="float_blocks counts trunk blocks"):
+        QuantizeConfig(float_blocks=-1)
