@@ -12,7 +12,7 @@ import hashlib
 import os
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from models.manifest import Manifest, ModelEntry, ModelFile
@@ -108,18 +108,24 @@ class Release:
                     raise ReleaseError(f"{variant} file: {err}") from None
             return self._encoders[key]
 
-    def ship(self, out: str | Path, keep: Mapping[str, str], carry: Release | None = None) -> Release:
+    def ship(self, out: str | Path, keep: Mapping[str, str], carry: Release | None = None,
+             renew: Collection[str] = ()) -> Release:
         """Copy a slimmer release to `out`: per model only the `keep[model_id]` variant, as its primary file.
 
         The shipped edge models are their int8 device files: the server never runs them, devices do. A model that
         the already shipped release `carry` holds too ships as it is there (its files, card and scorers; only the
-        figures come from this release), so the files that made users' vectors never change.
+        figures come from this release), so the files that made users' vectors never change; except the edge
+        models named in `renew` (e.g. re-quantised): a query model's vectors are never stored, a cloud model's are.
         """
+        for model_id in renew:
+            if self.manifest.model(model_id).role != "edge":
+                raise ReleaseError(f"{model_id}: only an edge model can be renewed; a cloud model's files made the "
+                                   f"vectors users' galleries hold")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         models = {}
         for model_id, entry in self.manifest.models.items():
-            if carry is not None and model_id in carry.manifest.models:
+            if carry is not None and model_id in carry.manifest.models and model_id not in renew:
                 models[model_id] = self._carried(carry, model_id, out)
                 continue
             variant = keep.get(model_id, "server")

@@ -199,6 +199,25 @@ def test_shipping_over_a_shipped_release_keeps_its_files_and_takes_the_new_figur
         Release.load(newer).ship(tmp_path / "out2", {}, carry=shipped)
 
 
+def test_a_renewed_edge_model_ships_its_new_file_and_a_cloud_model_cannot_be_renewed(tiny_release: Path,
+                                                                                   tmp_path: Path) -> None:
+    shipped = Release.load(tiny_release).ship(tmp_path / "shipped", {})
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_release, newer)
+    (newer / "edge-v2.device.onnx").write_bytes((newer / "edge-v1.device.onnx").read_bytes())  # a new device file
+    manifest = json.loads((newer / "manifest.json").read_text())
+    entry = next(e for e in manifest["models"] if e["id"] == "edge-v2")
+    entry["variants"]["device-fp32"]["sha256"] = sha256_file(newer / "edge-v2.device.onnx")
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    renewed = Release.load(newer).ship(tmp_path / "out", {"edge-v2": "device-fp32"}, carry=shipped, renew=["edge-v2"])
+    edge = renewed.manifest.model("edge-v2")
+    assert (tmp_path / "out" / edge.file).read_bytes() == (newer / "edge-v1.device.onnx").read_bytes()
+    cloud = renewed.manifest.model("cloud-v2")  # not renewed: carried exactly
+    assert (tmp_path / "out" / cloud.file).read_bytes() == (tmp_path / "shipped" / cloud.file).read_bytes()
+    with pytest.raises(ReleaseError, match="cloud-v2: only an edge model can be renewed"):
+        Release.load(newer).ship(tmp_path / "out2", {}, carry=shipped, renew=["cloud-v2"])
+
+
 def test_the_ship_command_writes_a_slim_release_and_never_overwrites(tiny_release: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from models.cli import main
