@@ -166,3 +166,17 @@ def test_float_blocks_keep_the_first_layers_in_float_and_the_rest_int8(sample_ph
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)  # the file runs and embeds
     with pytest.raises(QuantizeError, match="float_blocks counts trunk blocks"):
         QuantizeConfig(float_blocks=-1)
+
+
+def test_a_quantisation_trial_leaves_the_release_it_was_made_from_as_it_was(tiny_release: Path,
+                                                                           sample_photos: dict[str, bytes],
+                                                                           tmp_path: Path) -> None:
+    from training.bench.quant_select import linked_copy
+
+    release = copy_release(tiny_release, tmp_path / "original")
+    before = {p.name: p.read_bytes() for p in release.iterdir()}
+    (tmp_path / "trial").mkdir()
+    trial = linked_copy(release, tmp_path / "trial")
+    result = quantize_model(trial, "edge-v2", write_photos(sample_photos, tmp_path / "photos"))
+    assert (trial / result.file).is_file() and INT8_VARIANT in Manifest.load(trial).model("edge-v2").variants
+    assert {p.name: p.read_bytes() for p in release.iterdir()} == before  # no new file, the manifest untouched
