@@ -5,7 +5,7 @@ models) and its three-generation dip.
 
     python -m training.bench.quant_select --release runs/release edge-v3 0 1 2 3
 
-The release is left as it is (each trial quantises into a linked copy under runs/); prints one line per setting
+The release is left as it is (each trial quantises into a linked copy beside it); prints one line per setting
 and writes reports/select/quant-<model>.json. The edge models trained on the pool photos label-free, so the
 figures compare the int8 files with one another, not with pool_select's held-out figures.
 """
@@ -24,14 +24,13 @@ from PIL import Image
 
 from edge.photos import list_photos
 from edge.quantize import INT8_VARIANT, QuantizeConfig, quantize_model
+from models.benchmark.caltech import data_root
 from models.benchmark.open_world import load_open_world
 from models.preprocess import load_image
 from models.release import Release
 from training.bench.pool_select import GALLERIES, retrieval_figures
 from training.benchmark import Paths, Source, encode_source
 from training.trainer import load_checkpoint
-
-CALIBRATION = Path("../shared/datasets/caltech101/train.txt")
 
 
 def linked_copy(release: Path, into: Path) -> Path:
@@ -63,7 +62,7 @@ def main(args: list[str]) -> None:
     source = Source(world.image_dir, paths.open_cache, world.pool)
     galleries = {m: encode_source(load_checkpoint(paths.checkpoint(m)), source) for m in GALLERIES}
     photos = [load_image(world.image_dir / p) for p in world.pool.paths]
-    calibration = list_photos(CALIBRATION, 256)
+    calibration = list_photos(data_root() / "train.txt", 256)  # as `concord quantize` shipped it
     found = {}
     for blocks in settings:
         found[blocks] = measure(release, model_id, blocks, calibration, photos, world.pool.labels, galleries)
