@@ -38,9 +38,9 @@ STOP_WAIT_S = 30.0
 """Seconds a worker has to shut down gracefully after SIGTERM before it is killed."""
 EARLY_DEATHS = 3
 """Workers in a row that may die before they are ready (a store another process took, say) before the server
-gives up instead of starting more. Before the server first serves, one is enough when no other worker is ready;
-once it has served, a replacement that dies while it starts is started again even when no worker is ready then.
-A worker killed by SIGKILL never counts: that came from outside, not from the worker."""
+gives up instead of starting more. Until some worker has been ready, one is enough when no other worker is ready;
+once one has (so workers can start), a replacement that dies while it starts is started again even when no worker
+is ready then. A worker killed by SIGKILL never counts: that came from outside, not from the worker."""
 
 
 def release_freed_memory() -> None:
@@ -127,6 +127,8 @@ class Supervisor:
         self._turn = 0
         self._early_deaths = 0
         self._serving = False
+        self._proven = False
+        """Whether some worker has been ready: workers can start, so one dying while it starts is started again."""
         self._stopping = False
 
     def run(self) -> None:
@@ -168,7 +170,7 @@ class Supervisor:
         except OSError:
             data = b""
         if READY in data and not worker.ready:
-            worker.ready, self._early_deaths = True, 0
+            worker.ready, self._proven, self._early_deaths = True, True, 0
             log.info("worker %s ready in %.1f s", worker.process.pid, time.monotonic() - worker.started)
             if self._serving or all(w.ready for w in self._workers):
                 self._serving = True
@@ -212,9 +214,9 @@ class Supervisor:
             if worker.process.exitcode is None or self._stopping:
                 continue
             killed = worker.process.exitcode == -signal.SIGKILL  # from outside (the OOM killer, an operator)
-            if not worker.ready and not killed:  # before serving, one such death and none ready: none can start
+            if not worker.ready and not killed:  # none ever ready, one such death and none ready: none can start
                 self._early_deaths += 1
-                if self._early_deaths >= EARLY_DEATHS or not (self._serving or any(w.ready for w in self._workers)):
+                if self._early_deaths >= EARLY_DEATHS or not (self._proven or any(w.ready for w in self._workers)):
                     log.error("a worker exited with code %s before it was ready; stopping (see its log above)",
                               worker.process.exitcode)
                     self._stopping = True

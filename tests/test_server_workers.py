@@ -229,6 +229,29 @@ def test_a_server_that_served_starts_workers_again_when_none_is_ready(tmp_path: 
     assert run_until_started(Settings(data_dir=tmp_path), serves_then_replacements_die_while_starting, 6) >= 6
 
 
+def one_serves_alone_then_its_replacement_dies_while_starting(settings: Settings, channel: socket.socket) -> None:
+    """The first worker gets ready and dies before the second is ready; its replacement dies before it is ready,
+    while no worker is; the second gets ready only once a worker after that replacement has started (at most 60 s)."""
+    started = note_start(settings)
+    if started == 3:
+        os._exit(1)
+    if started == 2:
+        starts, deadline = Path(settings.data_dir) / "starts", time.monotonic() + 60
+        while starts.read_text().count("started") < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    channel.sendall(b"r")
+    time.sleep(0.3 if started == 1 else 60)
+    os._exit(1)
+
+
+def test_a_worker_dying_while_it_starts_is_started_again_once_any_worker_was_ready(tmp_path: Path) -> None:
+    """A worker that was ready proves workers can start, even before all were ready at once and the server
+    accepted: one dying while it starts after that, with none ready at the moment, is started again (CI once saw
+    the server stop in that order)."""
+    assert run_until_started(Settings(data_dir=tmp_path),
+                             one_serves_alone_then_its_replacement_dies_while_starting, 4) >= 4
+
+
 def killed_while_starting(settings: Settings, channel: socket.socket) -> None:
     """The first two workers get ready and die a moment later; the next four are killed -9 before they are ready
     (more than EARLY_DEATHS in a row); the ones after them serve."""
