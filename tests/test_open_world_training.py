@@ -13,7 +13,7 @@ from models.benchmark.caltech import load_benchmark
 from models.benchmark.open_world import load_open_world
 from tests.caltech_helpers import make_caltech, make_open_world
 from training.arch import EmbeddingHead
-from training.bench.pool_select import split_caltech
+from training.bench.pool_select import across_seeds, split_caltech
 from training.benchmark import Paths, recipe_config, training_sources
 from training.losses import UNLABELLED, Batch, Classification, Influence, Relational
 from training.trainer import TRUNK, TrainConfig
@@ -137,3 +137,16 @@ def test_a_thumbnail_view_learns_towards_its_full_photos_targets(tmp_path: Path)
     target = data.references[TRUNK]
     torch.testing.assert_close(target[1], target[0])  # ...and learns towards the full photo's trunk features
     torch.testing.assert_close(target[0] - target[2], plain - flip)
+
+
+def test_across_seeds_gives_each_figures_spread_and_the_flips_between_every_pair_of_seeds() -> None:
+    """What retraining alone moves: a figure's median and range over the seeds, and for each pair of seeds the
+    queries one got right and the other wrong (NFR) and the reverse (PFR), per query set and gallery."""
+    runs = [{"R@1": 0.5}, {"R@1": 0.7}, {"R@1": 0.6}]
+    right = np.array([True, True, False, False])
+    hits = [{"-> g": right}, {"-> g": np.array([True, False, True, False])}, {"-> g": right}]
+    summary = across_seeds(runs, hits)
+    assert (summary["R@1 median"], summary["R@1 min"], summary["R@1 max"]) == (0.6, 0.5, 0.7)
+    assert (summary["seed +0 vs +1 -> g NFR"], summary["seed +0 vs +1 -> g PFR"]) == (0.25, 0.25)
+    assert (summary["seed +0 vs +2 -> g NFR"], summary["seed +0 vs +2 -> g PFR"]) == (0.0, 0.0)
+    assert (summary["seed +1 vs +2 -> g NFR"], summary["seed +1 vs +2 -> g PFR"]) == (0.25, 0.25)

@@ -21,13 +21,20 @@ split pool, scored 0.607; with `--chain` the two are 0.613 and 0.606 (and on `ev
 `--caltech` also holds out every fourth labelled Caltech-101 training photo of each class (never `test.txt`):
 nothing trains on them (the chain is trained without them too, in `runs-select/_chain-caltech/`), and they
 query the rest of the gallery, so a setting's Caltech Recall@1 and flip rates are measured on validation photos.
+
+    python -m training.bench.pool_select --caltech --seeds 3 training/configs/edge-v3.toml
+
+`--seeds N` trains each candidate N times (its config's seed, then the next ones) and prints, beside each run's
+figures, every figure's median and range over the seeds and the flip rates between the runs: a difference
+between two settings smaller than what retraining alone moves is no choice at all.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import itertools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +46,10 @@ from training.benchmark import RECIPE, Paths, Source, encode_source, recipe_prot
 from training.trainer import TrainConfig, load_checkpoint
 
 GALLERIES = ("cloud-v1", "cloud-v2", "cloud-v3")
+Figures = dict[str, float]
+Hits = dict[str, np.ndarray]
+"""Per query set and gallery (the figures' key prefix, e.g. 'caltech -> cloud-v2'), whether each query's top-1 hit
+was right."""
 
 
 def split_pool(world: OpenWorld) -> tuple[OpenWorld, PhotoSet]:
@@ -88,13 +99,14 @@ def train_chain_before(model_id: str, caltech: bool = False) -> Path:
 
 def retrieval_figures(vectors: dict[str, np.ndarray], galleries: dict[str, np.ndarray], labels: np.ndarray,
                       gallery_labels: np.ndarray, candidate: str, replaced: str, prefix: str,
-                      exclude_self: bool) -> dict[str, float]:
+                      exclude_self: bool) -> tuple[Figures, Hits]:
     """Recall@1 and mAP of the candidate's queries on every gallery, its flip rates from the replaced model, and,
-    with every gallery of the chain there, its three-generation dip."""
+    with every gallery of the chain there, its three-generation dip; and its hits on each gallery."""
     none = np.zeros(len(labels), dtype=bool)
-    figures = {}
+    figures, hits = {}, {}
     for gallery, vecs in galleries.items():
         result = evaluate_retrieval(vectors[candidate], vecs, labels, gallery_labels, none, exclude_self=exclude_self)
+        hits[f"{prefix}-> {gallery}"] = result.hits_at_1
         overall = result.to_dict()["overall"]
         figures[f"{prefix}-> {gallery} R@1"] = float(overall["recall@1"])
         figures[f"{prefix}-> {gallery} mAP"] = float(overall["map"])
@@ -105,7 +117,7 @@ def retrieval_figures(vectors: dict[str, np.ndarray], galleries: dict[str, np.nd
     if set(GALLERIES) <= set(galleries):
         figures[f"{prefix}three-generation dip"] = three_generation_dip(vectors[candidate], galleries, labels,
                                                                         gallery_labels, exclude_self)
-    return figures
+    return figures, hits
 
 
 def three_generation_dip(queries: np.ndarray, galleries: dict[str, np.ndarray], labels: np.ndarray,
@@ -120,7 +132,7 @@ def three_generation_dip(queries: np.ndarray, galleries: dict[str, np.ndarray], 
     return max(0.0, float(curve[0]) - float(min(curve)))
 
 
-def caltech_figures(config: TrainConfig, paths: Paths, bench: Benchmark) -> dict[str, float]:
+def caltech_figures(config: TrainConfig, paths: Paths, bench: Benchmark) -> tuple[Figures, Hits]:
     """The candidate's figures on the split's Caltech validation photos (its queries) against its gallery."""
     models = [m for m in {*GALLERIES, config.model_id, config.replaces} if m and paths.checkpoint(m).exists()]
     checkpoints = {m: load_checkpoint(paths.checkpoint(m)) for m in models}
@@ -132,12 +144,20 @@ def caltech_figures(config: TrainConfig, paths: Paths, bench: Benchmark) -> dict
                              config.replaces, "caltech ", exclude_self=False)
 
 
-def measure(config_file: Path, references: Path = Path("runs")) -> dict[str, float]:
-    """Train the config on the split pool and return its Recall@1 on the held-out pool categories, the models it
-    needs taken from `references` (CALTECH_CHAIN: trained on the split Caltech photos too, and measured there)."""
+def run_name(config_file: Path, references: Path, seed_offset: int = 0) -> str:
+    """A candidate's run folder and report name: its config's name, the seed beyond the config's, the chain."""
+    seed = f"-seed+{seed_offset}" if seed_offset else ""
+    return config_file.stem + seed + SUFFIX.get(references, "")
+
+
+def measure(config_file: Path, references: Path = Path("runs"), seed_offset: int = 0) -> tuple[Figures, Hits]:
+    """Train the config (its seed + `seed_offset`) on the split pool and return its Recall@1 on the held-out pool
+    categories, the models it needs taken from `references` (CALTECH_CHAIN: trained on the split Caltech photos
+    too, and measured there), and its hits there."""
     config = TrainConfig.from_toml(config_file)
+    config = dataclasses.replace(config, seed=config.seed + seed_offset)
     caltech = references == CALTECH_CHAIN
-    runs = Path("runs-select") / (config_file.stem + SUFFIX.get(references, ""))
+    runs = Path("runs-select") / run_name(config_file, references, seed_offset)
     for model in RECIPE:
         link = runs / model
         if model != config.model_id and not link.exists() and (references / model).exists():
@@ -151,23 +171,59 @@ def measure(config_file: Path, references: Path = Path("runs")) -> dict[str, flo
     vectors = {m: encode_source(load_checkpoint(paths.checkpoint(m)), source)
                for m in {*GALLERIES, config.model_id, config.replaces} if m and paths.checkpoint(m).exists()}
     galleries = {m: vectors[m] for m in GALLERIES if m in vectors}
-    figures = retrieval_figures(vectors, galleries, held.labels, held.labels, config.model_id, config.replaces, "",
-                                exclude_self=True)
-    return {**figures, **(caltech_figures(config, paths, bench) if caltech else {})}
+    figures, hits = retrieval_figures(vectors, galleries, held.labels, held.labels, config.model_id, config.replaces,
+                                      "", exclude_self=True)
+    if caltech:
+        more, more_hits = caltech_figures(config, paths, bench)
+        figures, hits = {**figures, **more}, {**hits, **more_hits}
+    return figures, hits
 
 
-def main(args: list[str]) -> None:
-    chain, caltech = "--chain" in args, "--caltech" in args
+def across_seeds(runs: list[Figures], hits: list[Hits]) -> Figures:
+    """Every figure's median, lowest and highest over the seeds, and the flip rates between each pair of seeds on
+    each query set and gallery: how far retraining alone moves a figure."""
+    summary: Figures = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        summary |= {f"{key} median": float(np.median(values)), f"{key} min": min(values), f"{key} max": max(values)}
+    for (i, first), (j, second) in itertools.combinations(enumerate(hits), 2):
+        for key in first:
+            nfr, pfr = flip_rates(first[key], second[key])
+            summary |= {f"seed +{i} vs +{j} {key} NFR": nfr, f"seed +{i} vs +{j} {key} PFR": pfr}
+    return summary
+
+
+def report(out: Path, name: str, figures: Figures) -> None:
+    """Print one line of figures and write them to `out/<name>.json`."""
+    (out / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    print(name, "  ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.bench.pool_select",
+                                     description="Choose training settings on the open-world pool photos, never on "
+                                                 "`eval`.")
+    parser.add_argument("configs", nargs="+", type=Path, help="candidate config files (TOML)")
+    parser.add_argument("--chain", action="store_true", help="judge against the chain trained on the split pool")
+    parser.add_argument("--caltech", action="store_true", help="also hold out Caltech-101 validation photos")
+    parser.add_argument("--seeds", type=int, default=1, help="train each candidate this many times (default 1)")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds takes a count of at least 1")
     out = Path("reports/select")
     out.mkdir(parents=True, exist_ok=True)
-    for name in (a for a in args if a not in ("--chain", "--caltech")):
-        model_id = TrainConfig.from_toml(Path(name)).model_id
-        references = train_chain_before(model_id, caltech) if chain or caltech else Path("runs")
-        figures = measure(Path(name), references)
-        stem = Path(name).stem + SUFFIX.get(references, "")
-        (out / f"{stem}.json").write_text(json.dumps(figures, indent=1) + "\n")
-        print(stem, "  ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+    for config_file in args.configs:
+        model_id = TrainConfig.from_toml(config_file).model_id
+        references = train_chain_before(model_id, args.caltech) if args.chain or args.caltech else Path("runs")
+        runs, hits = [], []
+        for offset in range(args.seeds):
+            figures, seed_hits = measure(config_file, references, offset)
+            report(out, run_name(config_file, references, offset), figures)
+            runs.append(figures)
+            hits.append(seed_hits)
+        if args.seeds > 1:
+            report(out, run_name(config_file, references) + f"-{args.seeds}seeds", across_seeds(runs, hits))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -50,7 +50,7 @@ def measure(release: Path, model_id: str, float_blocks: int, calibration: list[P
         trial = linked_copy(release, Path(tmp))
         result = quantize_model(trial, model_id, calibration, QuantizeConfig(float_blocks=float_blocks))
         vectors = Release.load(trial).encoder(model_id, INT8_VARIANT).encode_images(photos)
-    figures = retrieval_figures({model_id: vectors}, galleries, labels, labels, model_id, "", "", exclude_self=True)
+    figures, _ = retrieval_figures({model_id: vectors}, galleries, labels, labels, model_id, "", "", exclude_self=True)
     return {**figures, "cosine to fp32 (calibration photos)": result.cosine_mean, "MB": result.size_bytes / 1e6}
 
 
