@@ -13,7 +13,7 @@ from models.benchmark.caltech import load_benchmark
 from models.benchmark.open_world import load_open_world
 from tests.caltech_helpers import make_caltech, make_open_world
 from training.arch import EmbeddingHead
-from training.bench.pool_select import across_seeds, split_caltech
+from training.bench.pool_select import across_seeds, inherited, split_caltech
 from training.benchmark import Paths, recipe_config, training_sources
 from training.losses import UNLABELLED, Batch, Classification, Influence, Relational
 from training.trainer import TRUNK, TrainConfig
@@ -150,3 +150,11 @@ def test_across_seeds_gives_each_figures_spread_and_the_flips_between_every_pair
     assert (summary["seed +0 vs +1 -> g NFR"], summary["seed +0 vs +1 -> g PFR"]) == (0.25, 0.25)
     assert (summary["seed +0 vs +2 -> g NFR"], summary["seed +0 vs +2 -> g PFR"]) == (0.0, 0.0)
     assert (summary["seed +1 vs +2 -> g NFR"], summary["seed +1 vs +2 -> g PFR"]) == (0.25, 0.25)
+
+
+def test_inherited_is_the_share_of_negative_flips_the_gallery_model_also_misses() -> None:
+    replaced = np.array([True, True, True, True, False])
+    candidate = np.array([False, False, False, True, True])  # three negative flips: queries 0, 1, 2
+    gallery_model = np.array([False, True, True, False, False])  # misses query 0 of them (and 3, 4: not flips)
+    assert inherited(replaced, candidate, gallery_model) == pytest.approx(1 / 3)
+    assert np.isnan(inherited(replaced, replaced, gallery_model))

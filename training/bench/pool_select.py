@@ -1,7 +1,8 @@
 """Choose training settings on the open-world POOL, never on `eval`: train each candidate config with the pool
 photos of half the pool categories (label-free, as usual), and measure it on the other half by category
 (leave-one-out Recall@1, against itself and against every older cloud gallery, and the flip rates from the model
-it replaces there).
+it replaces there, with the share of those negative flips the gallery's own model misses too: flips inherited from
+the space the candidate learns).
 
     python -m training.bench.pool_select training/configs/cloud-v3.toml other-cloud-v3.toml ...
 
@@ -114,10 +115,23 @@ def retrieval_figures(vectors: dict[str, np.ndarray], galleries: dict[str, np.nd
             old = evaluate_retrieval(vectors[replaced], vecs, labels, gallery_labels, none, exclude_self=exclude_self)
             nfr, pfr = flip_rates(old.hits_at_1, result.hits_at_1)
             figures[f"{prefix}-> {gallery} NFR"], figures[f"{prefix}-> {gallery} PFR"] = nfr, pfr
+            if gallery in vectors and gallery != candidate:
+                own = evaluate_retrieval(vectors[gallery], vecs, labels, gallery_labels, none,
+                                         exclude_self=exclude_self)
+                figures[f"{prefix}-> {gallery} NFR flips {gallery} misses too"] = inherited(
+                    old.hits_at_1, result.hits_at_1, own.hits_at_1)
     if set(GALLERIES) <= set(galleries):
         figures[f"{prefix}three-generation dip"] = three_generation_dip(vectors[candidate], galleries, labels,
                                                                         gallery_labels, exclude_self)
     return figures, hits
+
+
+def inherited(replaced: np.ndarray, candidate: np.ndarray, gallery_model: np.ndarray) -> float:
+    """Of the queries the replaced model got right and the candidate wrong (its negative flips), the share the
+    gallery's own model also gets wrong as a query: flips a candidate that learns that model's space inherits
+    from it (NaN without flips)."""
+    flips = replaced & ~candidate
+    return float((flips & ~gallery_model).sum() / flips.sum()) if flips.any() else float("nan")
 
 
 def three_generation_dip(queries: np.ndarray, galleries: dict[str, np.ndarray], labels: np.ndarray,
