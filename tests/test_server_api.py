@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from server.api.schemas import search_response
+from server.contract import SearchAnswer, SearchQuery
 from server.settings import Settings
+from server.store.records import Hit
 from tests.server_helpers import API_KEY, GALLERIES, WRITE, in_process, make_photo, tiny_settings
 from tests.server_helpers import add_photos as add
 
@@ -192,3 +195,11 @@ def test_search_answers_are_identical_after_a_clean_restart(settings: Settings,
         after = answers(client)
         assert client.get("/v1/models").json()["active_model"] == "cloud-v1"
     assert after == before
+
+
+def test_scores_are_cosines_even_when_float32_rounding_passes_one() -> None:
+    """The shipped cloud-v3 scores a photo against its own stored vector 1.0000005; the API says 1.0 (order kept)."""
+    hits = [Hit(1, 1.0000004768371582, "cloud-v3", {}, 0.0), Hit(2, 0.5, "cloud-v3", {}, 0.0),
+            Hit(3, -1.0000002, "cloud-v3", {}, 0.0)]
+    body = search_response(SearchAnswer("cloud-v3", ["cloud-v3"], {}, hits), SearchQuery())
+    assert [(h.id, h.score) for h in body.hits] == [(1, 1.0), (2, 0.5), (3, -1.0)]

@@ -215,8 +215,14 @@ def search_response(answer: SearchAnswer, query: SearchQuery) -> SearchResponse:
     """The answer body of a search."""
     return SearchResponse(query_model=answer.query_model, match=query.match, k=query.k, offset=query.offset,
                           searched_models=answer.searched, skipped_models=answer.skipped,
-                          hits=[HitOut(id=h.id, score=h.score, model_id=h.model_id, metadata=h.metadata,
+                          hits=[HitOut(id=h.id, score=cosine(h.score), model_id=h.model_id, metadata=h.metadata,
                                        added_at=to_datetime(h.added_at)) for h in answer.hits])
+
+
+def cosine(score: float) -> float:
+    """An inner product of unit vectors as the cosine it is: float32 rounding puts a photo's score against its own
+    vector at 1.0000005, and a user reads a score above 1 as a bug."""
+    return min(1.0, max(-1.0, score))
 
 
 def to_datetime(value: Any) -> datetime:
