@@ -13,7 +13,7 @@ from models.benchmark.caltech import load_benchmark
 from models.benchmark.open_world import load_open_world
 from tests.caltech_helpers import make_caltech, make_open_world
 from training.arch import EmbeddingHead
-from training.bench.pool_select import across_seeds, inherited, split_caltech
+from training.bench.pool_select import across_seeds, inherited, seeds_table, split_caltech
 from training.benchmark import Paths, recipe_config, training_sources
 from training.losses import UNLABELLED, Batch, Classification, Influence, Relational
 from training.trainer import TRUNK, TrainConfig
@@ -141,15 +141,18 @@ def test_a_thumbnail_view_learns_towards_its_full_photos_targets(tmp_path: Path)
 
 def test_across_seeds_gives_each_figures_spread_and_the_flips_between_every_pair_of_seeds() -> None:
     """What retraining alone moves: a figure's median and range over the seeds, and for each pair of seeds the
-    queries one got right and the other wrong (NFR) and the reverse (PFR), per query set and gallery."""
-    runs = [{"R@1": 0.5}, {"R@1": 0.7}, {"R@1": 0.6}]
+    queries one got right and the other wrong (NFR) and the reverse (PFR), per query set and gallery; the table
+    puts the flips beside that gallery's Recall@1."""
+    runs = [{"-> g R@1": 0.5}, {"-> g R@1": 0.7}, {"-> g R@1": 0.6}]
     right = np.array([True, True, False, False])
     hits = [{"-> g": right}, {"-> g": np.array([True, False, True, False])}, {"-> g": right}]
     summary = across_seeds(runs, hits)
-    assert (summary["R@1 median"], summary["R@1 min"], summary["R@1 max"]) == (0.6, 0.5, 0.7)
+    assert (summary["-> g R@1 median"], summary["-> g R@1 min"], summary["-> g R@1 max"]) == (0.6, 0.5, 0.7)
     assert (summary["seed +0 vs +1 -> g NFR"], summary["seed +0 vs +1 -> g PFR"]) == (0.25, 0.25)
     assert (summary["seed +0 vs +2 -> g NFR"], summary["seed +0 vs +2 -> g PFR"]) == (0.0, 0.0)
     assert (summary["seed +1 vs +2 -> g NFR"], summary["seed +1 vs +2 -> g PFR"]) == (0.25, 0.25)
+    table = seeds_table("x", runs, summary).splitlines()
+    assert table[-1] == "| -> g R@1 | 0.6000 | 0.5000-0.7000 | 0.250 / 0.250 | 0.000 / 0.000 | 0.250 / 0.250 |"
 
 
 def test_inherited_is_the_share_of_negative_flips_the_gallery_model_also_misses() -> None:

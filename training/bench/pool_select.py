@@ -207,6 +207,21 @@ def across_seeds(runs: list[Figures], hits: list[Hits]) -> Figures:
     return summary
 
 
+def seeds_table(name: str, runs: list[Figures], summary: Figures) -> str:
+    """The figures over the seeds as a table a person reads: each figure's median and range, and each pair of
+    seeds' flips beside it where the figure is a query set on a gallery."""
+    pairs = [f"+{i} vs +{j}" for i, j in itertools.combinations(range(len(runs)), 2)]
+    lines = [f"{name}: {len(runs)} seeds", "| figure | median | min-max | " + " | ".join(
+        f"NFR/PFR seeds {pair}" for pair in pairs) + " |", "|---|---|---|" + "---|" * len(pairs)]
+    for key in runs[0]:
+        prefix = key.removesuffix(" R@1")
+        flips = [f"{summary[f'seed {pair} {prefix} NFR']:.3f} / {summary[f'seed {pair} {prefix} PFR']:.3f}"
+                 if key.endswith(" R@1") and f"seed {pair} {prefix} NFR" in summary else "" for pair in pairs]
+        lines.append(f"| {key} | {summary[f'{key} median']:.4f} | {summary[f'{key} min']:.4f}-"
+                     f"{summary[f'{key} max']:.4f} | " + " | ".join(flips) + " |")
+    return "\n".join(lines)
+
+
 def report(out: Path, name: str, figures: Figures) -> None:
     """Print one line of figures and write them to `out/<name>.json`."""
     (out / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
@@ -236,7 +251,10 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(figures)
             hits.append(seed_hits)
         if args.seeds > 1:
-            report(out, run_name(config_file, references) + f"-{args.seeds}seeds", across_seeds(runs, hits))
+            name = run_name(config_file, references) + f"-{args.seeds}seeds"
+            summary = across_seeds(runs, hits)
+            (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+            print(seeds_table(name, runs, summary), flush=True)
 
 
 if __name__ == "__main__":
