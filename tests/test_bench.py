@@ -125,6 +125,7 @@ def test_bench_all_quick_writes_sane_reports(tiny_release: Path, sample_photos: 
                                   "--evaluation", str(evaluation)], capsys)
     assert code == 0, err
     assert "wrote" in printed
+    assert f"no embeddings at {tmp_path / 'none.npz'}" in err and "seeded random mixture" in err  # said, not hidden
     search, encode, upgrade = (json.loads((out / f"{p}.json").read_text()) for p in ("search", "encode", "upgrade"))
     for report in (search, encode, upgrade):
         assert report["plan"]["name"] == "quick"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -377,6 +378,11 @@ def parse_sizes(text: str | None) -> tuple[int, ...] | None:
         raise ValueError(f"--sizes takes comma-separated integers (e.g. 10000,100000), got {text!r}") from None
 
 
+def missing_embeddings(sources: Sources) -> bool:
+    """Whether the embeddings the search vectors are to be fitted to are not there (the seeded mixture stands in)."""
+    return sources.embeddings is not None and not Path(sources.embeddings).exists()
+
+
 def main(part: str = "all", quick: bool = False, sizes: str | None = None, api: bool = True,
          keep_work: bool = False, backends: str | None = None, **paths: Path | None) -> dict[str, Any]:
     """What `concord bench PART` runs: check the inputs, run the parts, print where the reports went."""
@@ -392,6 +398,10 @@ def main(part: str = "all", quick: bool = False, sizes: str | None = None, api: 
     if {"encode", "upgrade"} & set(parts) and not sources.photos.exists():
         raise FileNotFoundError(f"no photos at {sources.photos}: pass --photos (a folder or a list file) or set "
                                 f"CONCORD_DATA to the Caltech-101 folder")
+    if {"search", "upgrade", "backends"} & set(parts) and missing_embeddings(sources):
+        print(f"concord bench: warning: no embeddings at {sources.embeddings} (`concord evaluate` writes them, after "
+              f"`concord restore` or `concord benchmark`): the gallery vectors come from a seeded random mixture, so "
+              f"index recall and speed will differ from the README's", file=sys.stderr, flush=True)
     print(f"concord bench {part} ({plan.name}): sizes {', '.join(f'{s:,}' for s in plan.sizes)}; reports -> "
           f"{sources.out}", flush=True)
     results = run(parts, plan, sources, keep_work)
