@@ -19,6 +19,7 @@ from training.losses import UNLABELLED, Batch, Classification, Influence, Relati
 from training.trainer import TRUNK, TrainConfig
 
 
+@torch.no_grad()
 def test_class_losses_skip_label_free_photos() -> None:
     torch.manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
