@@ -38,9 +38,9 @@ STOP_WAIT_S = 30.0
 """Seconds a worker has to shut down gracefully after SIGTERM before it is killed."""
 EARLY_DEATHS = 3
 """Workers in a row that may die before they are ready (a store another process took, say) before the server
-gives up instead of starting more. Until some worker has been ready, one is enough when no other worker is ready;
-once one has (so workers can start), a replacement that dies while it starts is started again even when no worker
-is ready then. A worker killed by SIGKILL never counts: that came from outside, not from the worker."""
+gives up instead of starting more. Until some worker has been ready, one is enough (none is ready either); once
+one has (so workers can start), a replacement that dies while it starts is started again even when no worker is
+ready then. A worker killed by SIGKILL never counts: that came from outside, not from the worker."""
 
 
 def release_freed_memory() -> None:
@@ -214,9 +214,9 @@ class Supervisor:
             if worker.process.exitcode is None or self._stopping:
                 continue
             killed = worker.process.exitcode == -signal.SIGKILL  # from outside (the OOM killer, an operator)
-            if not worker.ready and not killed:  # none ever ready, one such death and none ready: none can start
+            if not worker.ready and not killed:  # no worker ever ready and one such death: none can start
                 self._early_deaths += 1
-                if self._early_deaths >= EARLY_DEATHS or not (self._proven or any(w.ready for w in self._workers)):
+                if self._early_deaths >= EARLY_DEATHS or not self._proven:  # a ready worker has proven it
                     log.error("a worker exited with code %s before it was ready; stopping (see its log above)",
                               worker.process.exitcode)
                     self._stopping = True

@@ -169,12 +169,17 @@ def test_workers_that_die_before_they_are_ready_stop_the_server_instead_of_resta
     assert time.monotonic() - start < 60
 
 
+def started_so_far(settings: Settings) -> int:
+    """How many workers have noted their start under the data folder."""
+    starts = Path(settings.data_dir) / "starts"
+    return starts.read_text().count("started") if starts.exists() else 0
+
+
 def note_start(settings: Settings) -> int:
     """Note a worker's start under the data folder; how many workers have started so far."""
-    starts = Path(settings.data_dir) / "starts"
-    with open(starts, "a") as file:
+    with open(Path(settings.data_dir) / "starts", "a") as file:
         file.write("started\n")
-    return starts.read_text().count("started")
+    return started_so_far(settings)
 
 
 def run_until_started(settings: Settings, target: Callable[[Settings, socket.socket], None], count: int) -> int:
@@ -182,12 +187,11 @@ def run_until_started(settings: Settings, target: Callable[[Settings, socket.soc
     120 s, for a slow machine) or until it stops by itself; returns how many workers were started."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    starts, returned = Path(settings.data_dir) / "starts", threading.Event()
+    returned = threading.Event()
 
     def stop_once_started() -> None:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not returned.is_set() and not (
-                starts.exists() and starts.read_text().count("started") >= count):
+        while time.monotonic() < deadline and not returned.is_set() and started_so_far(settings) < count:
             time.sleep(0.1)
         if not returned.is_set():
             os.kill(os.getpid(), signal.SIGTERM)
@@ -197,7 +201,7 @@ def run_until_started(settings: Settings, target: Callable[[Settings, socket.soc
         Supervisor(settings, listener, 2, target=target).run()
     finally:
         returned.set()
-    return starts.read_text().count("started")
+    return started_so_far(settings)
 
 
 def ready_then_dies(settings: Settings, channel: socket.socket) -> None:
@@ -236,8 +240,8 @@ def one_serves_alone_then_its_replacement_dies_while_starting(settings: Settings
     if started == 3:
         os._exit(1)
     if started == 2:
-        starts, deadline = Path(settings.data_dir) / "starts", time.monotonic() + 60
-        while starts.read_text().count("started") < 4 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while started_so_far(settings) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
     channel.sendall(b"r")
     time.sleep(0.3 if started == 1 else 60)

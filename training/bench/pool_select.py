@@ -222,10 +222,10 @@ def seeds_table(name: str, runs: list[Figures], summary: Figures) -> str:
     return "\n".join(lines)
 
 
-def report(out: Path, name: str, figures: Figures) -> None:
-    """Print one line of figures and write them to `out/<name>.json`."""
+def report(out: Path, name: str, figures: Figures, shown: str | None = None) -> None:
+    """Write the figures to `out/<name>.json` and print them: `shown`, else one line."""
     (out / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
-    print(name, "  ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
+    print(shown or name + " " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items()), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,8 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.seeds > 1:
             name = run_name(config_file, references) + f"-{args.seeds}seeds"
             summary = across_seeds(runs, hits)
-            (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
-            print(seeds_table(name, runs, summary), flush=True)
+            report(out, name, summary, seeds_table(name, runs, summary))
 
 
 if __name__ == "__main__":
