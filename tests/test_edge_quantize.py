@@ -180,3 +180,13 @@ def test_a_quantisation_trial_leaves_the_release_it_was_made_from_as_it_was(tiny
     result = quantize_model(trial, "edge-v2", write_photos(sample_photos, tmp_path / "photos"))
     assert (trial / result.file).is_file() and INT8_VARIANT in Manifest.load(trial).model("edge-v2").variants
     assert {p.name: p.read_bytes() for p in release.iterdir()} == before  # no new file, the manifest untouched
+
+
+def test_a_rerun_of_one_quantisation_setting_keeps_the_other_settings_figures(tmp_path: Path) -> None:
+    from training.bench.quant_select import record
+
+    out = tmp_path / "quant-edge-v3.json"
+    record(out, {0: {"R@1": 0.55}, 2: {"R@1": 0.58}, 3: {"R@1": 0.57}})
+    record(out, {2: {"R@1": 0.59}, 1: {"R@1": 0.56}})
+    assert json.loads(out.read_text()) == {"0": {"R@1": 0.55}, "1": {"R@1": 0.56}, "2": {"R@1": 0.59},
+                                           "3": {"R@1": 0.57}}

@@ -6,16 +6,17 @@ models) and its three-generation dip.
     python -m training.bench.quant_select --release runs/release edge-v3 0 1 2 3
 
 The release is left as it is (each trial quantises into a linked copy beside it); prints one line per setting
-and writes reports/select/quant-<model>.json. The edge models trained on the pool photos label-free, so the
-figures compare the int8 files with one another, not with pool_select's held-out figures.
+and merges them into reports/select/quant-<model>.json (a rerun of one setting keeps the others' figures). The
+edge models trained on the pool photos label-free, so the figures compare the int8 files with one another, not
+with pool_select's held-out figures.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -54,23 +55,33 @@ def measure(release: Path, model_id: str, float_blocks: int, calibration: list[P
     return {**figures, "cosine to fp32 (calibration photos)": result.cosine_mean, "MB": result.size_bytes / 1e6}
 
 
-def main(args: list[str]) -> None:
-    if len(args) < 4 or args[0] != "--release":
-        raise SystemExit("usage: python -m training.bench.quant_select --release FOLDER MODEL FLOAT_BLOCKS...")
-    release, model_id, settings = Path(args[1]), args[2], [int(a) for a in args[3:]]
+def record(out: Path, found: dict[int, dict[str, float]]) -> None:
+    """Merge `found` into the report at `out`, so settings measured in another run keep their figures."""
+    kept = json.loads(out.read_text()) if out.exists() else {}
+    kept.update({str(blocks): figures for blocks, figures in found.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(sorted(kept.items(), key=lambda item: int(item[0]))), indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.bench.quant_select",
+                                     description="Choose how many trunk blocks an edge model's int8 file keeps in "
+                                                 "float, on the open-world pool photos (never `eval`).")
+    parser.add_argument("--release", type=Path, required=True, help="the full release folder (concord export's)")
+    parser.add_argument("model_id", help="the edge model to quantise, e.g. edge-v3")
+    parser.add_argument("float_blocks", nargs="+", type=int, help="settings to try: trunk blocks kept in float")
+    args = parser.parse_args(argv)
     world, paths = load_open_world(), Paths()
     source = Source(world.image_dir, paths.open_cache, world.pool)
     galleries = {m: encode_source(load_checkpoint(paths.checkpoint(m)), source) for m in GALLERIES}
     photos = [load_image(world.image_dir / p) for p in world.pool.paths]
     calibration = list_photos(data_root() / "train.txt", 256)  # as `concord quantize` shipped it
     found = {}
-    for blocks in settings:
-        found[blocks] = measure(release, model_id, blocks, calibration, photos, world.pool.labels, galleries)
+    for blocks in args.float_blocks:
+        found[blocks] = measure(args.release, args.model_id, blocks, calibration, photos, world.pool.labels, galleries)
         print(f"float_blocks {blocks}", "  ".join(f"{k} {v:.4f}" for k, v in found[blocks].items()), flush=True)
-    out = Path("reports/select")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"quant-{model_id}.json").write_text(json.dumps(found, indent=1) + "\n")
+    record(Path("reports/select") / f"quant-{args.model_id}.json", found)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
