@@ -186,7 +186,9 @@ def test_a_rerun_of_one_quantisation_setting_keeps_the_other_settings_figures(tm
     from training.bench.quant_select import record
 
     out = tmp_path / "quant-edge-v3.json"
-    record(out, {0: {"R@1": 0.55}, 2: {"R@1": 0.58}, 3: {"R@1": 0.57}})
-    record(out, {2: {"R@1": 0.59}, 1: {"R@1": 0.56}})
-    assert json.loads(out.read_text()) == {"0": {"R@1": 0.55}, "1": {"R@1": 0.56}, "2": {"R@1": 0.59},
-                                           "3": {"R@1": 0.57}}
+    record(out, {"fp32": {"R@1": 0.6}, "0": {"R@1": 0.55}, "2": {"R@1": 0.58}, "10": {"R@1": 0.57}})
+    record(out, {"fp32": {"R@1": 0.6}, "2": {"R@1": 0.59}, "1": {"R@1": 0.56}})
+    kept = json.loads(out.read_text())
+    assert kept == {"fp32": {"R@1": 0.6}, "0": {"R@1": 0.55}, "1": {"R@1": 0.56}, "2": {"R@1": 0.59},
+                    "10": {"R@1": 0.57}}
+    assert list(kept) == ["fp32", "0", "1", "2", "10"]  # the reference first, then by block count

@@ -1,7 +1,7 @@
 """Choose how an edge model is quantised on the open-world POOL photos, never on `eval`: quantise its device file with
 each number of trunk blocks kept in float (`concord quantize --float-blocks`) and measure the int8 file's queries
 against every cloud gallery of the chain (the benchmark's checkpoints, which `concord restore` makes the shipped
-models) and its three-generation dip.
+models) and its three-generation dip, beside the fp32 checkpoint's figures (what quantising can at best keep).
 
     python -m training.bench.quant_select --release runs/release edge-v3 0 1 2 3
 
@@ -55,12 +55,17 @@ def measure(release: Path, model_id: str, float_blocks: int, calibration: list[P
     return {**figures, "cosine to fp32 (calibration photos)": result.cosine_mean, "MB": result.size_bytes / 1e6}
 
 
-def record(out: Path, found: dict[int, dict[str, float]]) -> None:
+FP32 = "fp32"
+"""The report's key for the fp32 checkpoint's figures; the settings' keys are their float block counts."""
+
+
+def record(out: Path, found: dict[str, dict[str, float]]) -> None:
     """Merge `found` into the report at `out`, so settings measured in another run keep their figures."""
     kept = json.loads(out.read_text()) if out.exists() else {}
-    kept.update({str(blocks): figures for blocks, figures in found.items()})
+    kept.update(found)
+    order = sorted(kept, key=lambda key: -1 if key == FP32 else int(key))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(sorted(kept.items(), key=lambda item: int(item[0]))), indent=1) + "\n")
+    out.write_text(json.dumps({key: kept[key] for key in order}, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,10 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     galleries = {m: encode_source(load_checkpoint(paths.checkpoint(m)), source) for m in GALLERIES}
     photos = [load_image(world.image_dir / p) for p in world.pool.paths]
     calibration = list_photos(data_root() / "train.txt", 256)  # as `concord quantize` shipped it
-    found = {}
+    fp32 = encode_source(load_checkpoint(paths.checkpoint(args.model_id)), source)
+    found = {FP32: retrieval_figures({args.model_id: fp32}, galleries, world.pool.labels, world.pool.labels,
+                                     args.model_id, "", "", exclude_self=True)[0]}
+    print("fp32 checkpoint", "  ".join(f"{k} {v:.4f}" for k, v in found[FP32].items()), flush=True)
     for blocks in args.float_blocks:
-        found[blocks] = measure(args.release, args.model_id, blocks, calibration, photos, world.pool.labels, galleries)
-        print(f"float_blocks {blocks}", "  ".join(f"{k} {v:.4f}" for k, v in found[blocks].items()), flush=True)
+        found[str(blocks)] = measure(args.release, args.model_id, blocks, calibration, photos, world.pool.labels,
+                                     galleries)
+        print(f"float_blocks {blocks}", "  ".join(f"{k} {v:.4f}" for k, v in found[str(blocks)].items()), flush=True)
     record(Path("reports/select") / f"quant-{args.model_id}.json", found)
 
 
