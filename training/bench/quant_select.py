@@ -51,8 +51,18 @@ def measure(release: Path, model_id: str, float_blocks: int, calibration: list[P
         trial = linked_copy(release, Path(tmp))
         result = quantize_model(trial, model_id, calibration, QuantizeConfig(float_blocks=float_blocks))
         vectors = Release.load(trial).encoder(model_id, INT8_VARIANT).encode_images(photos)
-    figures, _ = retrieval_figures({model_id: vectors}, galleries, labels, labels, model_id, "", "", exclude_self=True)
-    return {**figures, "cosine to fp32 (calibration photos)": result.cosine_mean, "MB": result.size_bytes / 1e6}
+    return {**query_figures(model_id, vectors, labels, galleries),
+            "cosine to fp32 (calibration photos)": result.cosine_mean, "MB": result.size_bytes / 1e6}
+
+
+def query_figures(model_id: str, vectors: np.ndarray, labels: np.ndarray,
+                  galleries: dict[str, np.ndarray]) -> dict[str, float]:
+    """Recall@1 and mAP of `vectors` as `model_id`'s queries on every gallery (own photo left out), and the dip."""
+    return retrieval_figures({model_id: vectors}, galleries, labels, labels, model_id, "", "", exclude_self=True)[0]
+
+
+def show(label: str, figures: dict[str, float]) -> None:
+    print(label, "  ".join(f"{k} {v:.4f}" for k, v in figures.items()), flush=True)
 
 
 FP32 = "fp32"
@@ -82,13 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     photos = [load_image(world.image_dir / p) for p in world.pool.paths]
     calibration = list_photos(data_root() / "train.txt", 256)  # as `concord quantize` shipped it
     fp32 = encode_source(load_checkpoint(paths.checkpoint(args.model_id)), source)
-    found = {FP32: retrieval_figures({args.model_id: fp32}, galleries, world.pool.labels, world.pool.labels,
-                                     args.model_id, "", "", exclude_self=True)[0]}
-    print("fp32 checkpoint", "  ".join(f"{k} {v:.4f}" for k, v in found[FP32].items()), flush=True)
+    found = {FP32: query_figures(args.model_id, fp32, world.pool.labels, galleries)}
+    show("fp32 checkpoint", found[FP32])
     for blocks in args.float_blocks:
         found[str(blocks)] = measure(args.release, args.model_id, blocks, calibration, photos, world.pool.labels,
                                      galleries)
-        print(f"float_blocks {blocks}", "  ".join(f"{k} {v:.4f}" for k, v in found[str(blocks)].items()), flush=True)
+        show(f"float_blocks {blocks}", found[str(blocks)])
     record(Path("reports/select") / f"quant-{args.model_id}.json", found)
 
 
