@@ -251,6 +251,9 @@ def device_bench(
     limit: Annotated[int | None, typer.Option(help="Accuracy on about this many photos of each set.")] = None,
     cache: Annotated[Path, typer.Option(help="Cache of benchmark embeddings.")] = Path("cache/edge"),
     out_dir: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/edge"),
+    previous: Annotated[Path | None, typer.Option(help="With --accuracy: a release holding the edge model's int8 "
+                                                  "file that devices run now (e.g. models/release); also measure "
+                                                  "what renewing that file changes for them.")] = None,
 ) -> None:
     """Time batch-1 encoding of edge fp32, edge int8 and the cloud encoder; optionally their accuracy."""
     from edge.bench.accuracy import run_accuracy
@@ -269,13 +272,14 @@ def device_bench(
             print(print_table(result))
             print("wrote " + ", ".join(result["written"]))
         if accuracy:
-            found = run_accuracy(folder, edge, cloud, data, cache, out_dir, limit)
+            found = run_accuracy(folder, edge, cloud, data, cache, out_dir, limit, previous)
             for variant, groups in found["figures"].items():
                 figures = [f"{g} R@1 {fmt(f['recall@1'], 4)} mAP {fmt(f['map'], 4)}"
                            for g, f in groups.items() if f["queries"]]
                 print(f"{found['edge']} {variant} -> {found['cloud']} gallery: " + ", ".join(figures))
-            if "int8_vs_fp32" in found:
-                print("int8 vs fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in found["int8_vs_fp32"].items()))
+            for key, shown in (("int8_vs_fp32", "int8 vs fp32"), ("int8_vs_previous", "int8 vs the previous int8")):
+                if key in found:
+                    print(f"{shown}: " + ", ".join(f"{k} {v:.4f}" for k, v in found[key].items()))
             print("wrote " + ", ".join(found["written"]))
     except _user_errors() as err:
         _explain(err)

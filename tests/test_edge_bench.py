@@ -13,8 +13,9 @@ from PIL import Image
 from edge.bench.accuracy import run_accuracy
 from edge.bench.device import BenchConfig, run_bench
 from edge.photos import list_photos
-from edge.quantize import quantize_model
+from edge.quantize import QuantizeConfig, quantize_model
 from models.benchmark.caltech import load_split
+from models.manifest import Manifest
 from tests.edge_helpers import copy_release, run_cli, write_photos
 
 
@@ -114,3 +115,31 @@ def test_accuracy_report_compares_int8_and_fp32_on_the_cloud_gallery(
     again = run_accuracy(release_int8, data=tiny_caltech, cache_dir=cache, out_dir=None)
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # read from the cache, not re-encoded
     assert again["figures"] == result["figures"]
+
+
+def test_accuracy_against_the_previous_int8_file_says_what_renewing_it_changes(
+        release_int8: Path, tiny_caltech: Path, sample_photos: dict[str, bytes], tmp_path: Path) -> None:
+    """A release whose int8 file was quantised otherwise (per-tensor weights) stands for the one devices run now."""
+    previous = copy_release(release_int8, tmp_path / "previous")
+    photos = write_photos(sample_photos, tmp_path / "photos")
+    quantize_model(previous, "edge-v2", photos, QuantizeConfig(per_channel=False))
+    cache = tmp_path / "cache"
+    result = run_accuracy(release_int8, data=tiny_caltech, cache_dir=cache, out_dir=tmp_path / "r", previous=previous)
+    change = result["int8_vs_previous"]
+    assert 0.9 < change["cosine_mean"] < 1.0  # another file, of the same model
+    assert change["recall@1_change"] == pytest.approx(
+        result["figures"]["device-int8"]["overall"]["recall@1"]
+        - result["figures"]["previous device-int8"]["overall"]["recall@1"])
+    renewed = Manifest.load(release_int8).model("edge-v2").variants["device-int8"].sha256
+    assert result["previous"]["sha256"] == Manifest.load(previous).model("edge-v2").variants["device-int8"].sha256
+    assert result["previous"]["sha256"] != renewed
+    assert "what its users see change" in (tmp_path / "r" / "device_accuracy.md").read_text()
+    same = run_accuracy(release_int8, data=tiny_caltech, cache_dir=cache, out_dir=None, previous=release_int8)
+    assert same["int8_vs_previous"]["same_top1"] == 1.0 and same["int8_vs_previous"]["negative_flip_rate"] == 0.0
+
+
+def test_accuracy_against_a_previous_release_without_that_int8_file_is_refused(
+        release_int8: Path, tiny_release: Path, tiny_caltech: Path, tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="holds no device-int8 file of 'edge-v2'"):
+        run_accuracy(release_int8, data=tiny_caltech, cache_dir=tmp_path / "cache", out_dir=None,
+                     previous=tiny_release)
