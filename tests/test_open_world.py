@@ -99,3 +99,31 @@ def test_a_release_is_measured_on_the_open_world_photos_as_it_ships(tiny_release
     again = evaluate_release(tiny_release, open_world_protocol(), tmp_path / "again", tmp_path / "cache", root)
     assert json.loads(again["json"].read_text())["matrix"] == report["matrix"]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cached
+
+
+def test_a_release_against_the_one_devices_run_now_reports_what_each_renewed_file_changes(
+        tiny_release: Path, sample_photos: dict[str, bytes], tmp_path: Path) -> None:
+    """`concord evaluate-release --previous`: the edge model whose device file changed (edge-v2, int8 before, its
+    fp32 device file now) gets a row per cloud gallery; an unchanged one (edge-v1) gets none."""
+    import json
+
+    from edge.photos import list_photos
+    from edge.quantize import quantize_model
+    from tests.edge_helpers import copy_release, write_photos
+    from training.benchmark import open_world_protocol
+    from training.evaluate.release import evaluate_release
+
+    previous = copy_release(tiny_release, tmp_path / "previous")
+    quantize_model(previous, "edge-v2", list_photos(write_photos(sample_photos, tmp_path / "photos")[0].parent))
+    root = make_open_world(tmp_path / "world", pool=2, evaluation=3, photos=4)
+    written = evaluate_release(tiny_release, open_world_protocol(), tmp_path / "out", tmp_path / "cache", root,
+                               previous=previous)
+    rows = json.loads(written["json"].read_text())["renewals"]
+    assert [(r["model"], r["gallery"]) for r in rows] == [("edge-v2", "cloud-v1"), ("edge-v2", "cloud-v2")]
+    for row in rows:
+        assert row["recall@1"] - row["recall@1_previous"] == pytest.approx(row["pfr"] - row["nfr"])
+    assert "## Renewed device files" in written["markdown"].read_text()
+    unchanged = evaluate_release(tiny_release, open_world_protocol(), tmp_path / "same", tmp_path / "cache", root,
+                                 previous=tiny_release)
+    assert json.loads(unchanged["json"].read_text())["renewals"] == []
+    assert "No edge model's device file changed." in unchanged["markdown"].read_text()

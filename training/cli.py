@@ -60,6 +60,9 @@ def evaluate_release(
                                                    "../shared/datasets/tinyimagenet_open).")] = None,
     cache_dir: CacheOpt = Path("cache"),
     out: ReportOpt = Path("reports/release"),
+    previous: Annotated[Path | None, typer.Option(help="The release devices run now (e.g. a checkout of the shipped "
+                                                  "one): also report what each renewed edge device file changes "
+                                                  "for its users.")] = None,
 ) -> None:
     """The release's compatibility on photos of categories it never trained on: its ONNX files as they ship
     encode the open-world eval photos; writes OUT/tinyimagenet_open.{json,md} and heatmaps."""
@@ -68,7 +71,8 @@ def evaluate_release(
     from training.evaluate.release import evaluate_release as run
 
     try:
-        written = run(resolve_release(release), open_world_protocol(), out, cache_dir / "release-eval", open_data)
+        written = run(resolve_release(release), open_world_protocol(), out, cache_dir / "release-eval", open_data,
+                      previous)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
     typer.echo(written["markdown"].read_text())

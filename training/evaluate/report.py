@@ -124,6 +124,19 @@ def _reference_markdown(report: dict[str, Any]) -> list[str]:
             "row is what they would reach if they did.\n\n" + table]
 
 
+def _renewals_markdown(report: dict[str, Any]) -> list[str]:
+    """What renewing each changed edge device file changes for its users, when the report has a previous release."""
+    if "renewals" not in report:
+        return []
+    rows = [(r["model"], r["previous_sha256"][:12], r["gallery"], _num(r["recall@1_previous"]), _num(r["recall@1"]),
+             _num(r["nfr"]), _num(r["pfr"])) for r in report["renewals"]]
+    return ["## Renewed device files (what their users see change)",
+            f"Each edge model whose query file differs from the one in {report['previous_release']}: its Recall@1 "
+            "with the previous file and with this release's, and the queries that flip between them.\n\n"
+            + (_table(("Model", "Previous file", "Gallery", "R@1 previous", "R@1 now", "NFR", "PFR"), rows)
+               if rows else "No edge model's device file changed.")]
+
+
 def markdown_report(report: dict[str, Any], name: str | None = None) -> str:
     """The whole report as Markdown: matrix, ECC/AC, gaps, tax, flip rates, mixed gallery, the figures and, when
     the report has one, the frozen trunks' same-model reference."""
@@ -147,6 +160,7 @@ def markdown_report(report: dict[str, Any], name: str | None = None) -> str:
           ["## Backfill (Recall@1 against the share re-encoded)", _backfill_markdown(report["backfill"]),
            f"![Backfill]({name}_backfill.png)"]),
         *_reference_markdown(report),
+        *_renewals_markdown(report),
     ]) + "\n"
 
 
