@@ -13,7 +13,7 @@ The split, the metrics and the cached embeddings are the benchmark's own, torch-
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,10 @@ from models.benchmark import report
 from models.benchmark.caltech import BACKGROUND, NUM_OLD_CLASSES, Split, load_split
 from models.benchmark.embeddings import cached, encode_paths, names_digest
 from models.benchmark.report import fmt
+
+if TYPE_CHECKING:
+    from models.manifest import ModelEntry
+    from models.release import Release
 
 STEM = "device_accuracy"
 DEFAULT_CACHE = Path("cache/edge")
@@ -38,25 +42,13 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
     (for a quick look; the report says so). `previous`: a release folder holding the int8 file of the same edge
     model that devices run now, to measure what renewing it changes.
     """
-    from models.manifest import ModelEntry
     from models.release import Release
 
     release = Release.load(release_folder, verify=True)
     manifest = release.manifest
     edge = manifest.model(edge_id) if edge_id else manifest.newest("edge")
     cloud = manifest.model(cloud_id) if cloud_id else manifest.cloud_of(edge.id)
-    variants = [v for v in ("device-fp32", "device-int8") if v in edge.variants]
-    if not variants:
-        raise KeyError(f"edge model {edge.id!r} has no device file (device-fp32 / device-int8)")
-    sources: dict[str, tuple[Release, ModelEntry]] = {v: (release, edge) for v in variants}
-    if previous is not None:
-        if "device-int8" not in edge.variants:
-            raise KeyError(f"edge model {edge.id!r} has no device-int8 file to compare with the previous one")
-        old_release = Release.load(previous, verify=True)
-        old_entry = old_release.manifest.model(edge.id)
-        if "device-int8" not in old_entry.variants:
-            raise KeyError(f"the previous release {previous} holds no device-int8 file of {edge.id!r}")
-        sources[PREVIOUS] = (old_release, old_entry)
+    sources = _query_sources(release, edge, previous)
     split = _thin(load_split(data), limit)
     gallery_paths = [split.image_dir / p for p in split.gallery]
     query_paths = [split.image_dir / p for p in split.queries]
@@ -98,6 +90,27 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
     if out_dir is not None:
         result["written"] = [str(p) for p in report.write(out_dir, STEM, result, markdown(result))]
     return result
+
+
+def _query_sources(release: Release, edge: ModelEntry,
+                   previous: str | Path | None) -> dict[str, tuple[Release, ModelEntry]]:
+    """Each query file to measure, by its figures' key: the edge model's device files, and the previous release's
+    int8 file of the same model when given."""
+    from models.release import Release
+
+    sources: dict[str, tuple[Release, ModelEntry]] = {v: (release, edge) for v in ("device-fp32", "device-int8")
+                                                      if v in edge.variants}
+    if not sources:
+        raise KeyError(f"edge model {edge.id!r} has no device file (device-fp32 / device-int8)")
+    if previous is not None:
+        if "device-int8" not in edge.variants:
+            raise KeyError(f"edge model {edge.id!r} has no device-int8 file to compare with the previous one")
+        old_release = Release.load(previous, verify=True)
+        old_entry = old_release.manifest.model(edge.id)
+        if "device-int8" not in old_entry.variants:
+            raise KeyError(f"the previous release {previous} holds no device-int8 file of {edge.id!r}")
+        sources[PREVIOUS] = (old_release, old_entry)
+    return sources
 
 
 def _agreement(a: np.ndarray, b: np.ndarray, gallery: np.ndarray, hits_a: np.ndarray,
