@@ -59,8 +59,7 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
 
     gallery = cached(cache, f"gallery-{cloud.id}-{cloud.sha256[:16]}-{names_digest(split.gallery)}", encode_gallery)
     queries = {}
-    for name, (source, entry) in sources.items():
-        variant = "device-int8" if name == PREVIOUS else name
+    for name, (source, entry, variant) in sources.items():
 
         def encode_queries(source: Release = source, v: str = variant) -> np.ndarray:
             return encode_paths([source.encoder(edge.id, v)], query_paths, f"queries ({v})")[0]
@@ -82,7 +81,7 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
         result["int8_vs_fp32"] = _agreement(queries["device-fp32"], queries["device-int8"], gallery,
                                             found["device-fp32"].hits_at_1, found["device-int8"].hits_at_1)
     if PREVIOUS in queries:
-        old_release, old_entry = sources[PREVIOUS]
+        old_release, old_entry, _ = sources[PREVIOUS]
         result["previous"] = {"release": report.shown_path(old_release.folder),
                               "sha256": old_entry.variants["device-int8"].sha256}
         result["int8_vs_previous"] = _agreement(queries[PREVIOUS], queries["device-int8"], gallery,
@@ -93,13 +92,13 @@ def run_accuracy(release_folder: str | Path, edge_id: str | None = None, cloud_i
 
 
 def _query_sources(release: Release, edge: ModelEntry,
-                   previous: str | Path | None) -> dict[str, tuple[Release, ModelEntry]]:
-    """Each query file to measure, by its figures' key: the edge model's device files, and the previous release's
-    int8 file of the same model when given."""
+                   previous: str | Path | None) -> dict[str, tuple[Release, ModelEntry, str]]:
+    """Each query file to measure, by its figures' key, as (release, entry, variant): the edge model's device files,
+    and the previous release's int8 file of the same model when given."""
     from models.release import Release
 
-    sources: dict[str, tuple[Release, ModelEntry]] = {v: (release, edge) for v in ("device-fp32", "device-int8")
-                                                      if v in edge.variants}
+    sources: dict[str, tuple[Release, ModelEntry, str]] = {
+        v: (release, edge, v) for v in ("device-fp32", "device-int8") if v in edge.variants}
     if not sources:
         raise KeyError(f"edge model {edge.id!r} has no device file (device-fp32 / device-int8)")
     if previous is not None:
@@ -109,7 +108,7 @@ def _query_sources(release: Release, edge: ModelEntry,
         old_entry = old_release.manifest.model(edge.id)
         if "device-int8" not in old_entry.variants:
             raise KeyError(f"the previous release {previous} holds no device-int8 file of {edge.id!r}")
-        sources[PREVIOUS] = (old_release, old_entry)
+        sources[PREVIOUS] = (old_release, old_entry, "device-int8")
     return sources
 
 

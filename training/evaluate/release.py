@@ -64,6 +64,7 @@ def renewals(release: Release, previous: Release, vectors: dict[str, np.ndarray]
     every cloud gallery of `release`, and the flips between them (what the model's users see change)."""
     rows = []
     clouds = [e.id for e in release.manifest.models.values() if e.role == "cloud"]
+    labels, none = world.eval.labels, np.zeros(len(world.eval.labels), dtype=bool)
     for entry in release.manifest.models.values():
         old = previous.manifest.models.get(entry.id)
         if entry.role != "edge" or old is None:
@@ -72,7 +73,6 @@ def renewals(release: Release, previous: Release, vectors: dict[str, np.ndarray]
         if old_sha == release.file(entry.id, query_variant(entry)).sha256:
             continue
         old_vectors = query_vectors(previous, old, world, cache)
-        labels, none = world.eval.labels, np.zeros(len(world.eval.labels), dtype=bool)
         for cloud in clouds:
             hits_old, hits_new = (evaluate_retrieval(q, vectors[cloud], labels, labels, none, exclude_self=True)
                                   .hits_at_1 for q in (old_vectors, vectors[entry.id]))
